@@ -1,0 +1,43 @@
+"""The one place where single-sequence functions are batched."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def batch_map(fn, batch_shape, args, event_ndims):
+    """Apply single-sequence ``fn(*args)`` over ``batch_shape``.
+
+    Args:
+      fn: function of unbatched arguments; returns a pytree of arrays.
+      batch_shape: the broadcast batch shape of all arguments.
+      args: tuple of pytrees of arrays. A leaf of shape ``batch + event`` is broadcast to
+        ``batch_shape + event``; a leaf with no batch dimensions is shared (not copied).
+      event_ndims: tuple of pytrees of ints with the structure of ``args``: the number of
+        trailing (per-sequence) dimensions of each leaf.
+
+    Returns:
+      ``fn``'s output with ``batch_shape`` prepended to every leaf.
+    """
+    batch_shape = tuple(batch_shape)
+    if not batch_shape:
+        return fn(*args)
+    size = math.prod(batch_shape)
+
+    def has_batch(x, nd):
+        return jnp.ndim(x) > nd
+
+    def flatten(x, nd):
+        x = jnp.asarray(x)
+        if not has_batch(x, nd):
+            return x
+        x = jnp.broadcast_to(x, batch_shape + x.shape[x.ndim - nd :])
+        return x.reshape((size,) + x.shape[len(batch_shape) :])
+
+    flat_args = jax.tree.map(flatten, args, event_ndims)
+    in_axes = jax.tree.map(lambda x, nd: 0 if has_batch(x, nd) else None, args, event_ndims)
+    out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
+    return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)

@@ -1,0 +1,628 @@
+"""NumPyro distributions over LDS trajectories: the prior and the structured posterior."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax, random
+from numpyro.distributions import constraints
+from numpyro.distributions.distribution import Distribution
+from numpyro.distributions.util import validate_sample
+
+from numpyro_lds._batch import batch_map
+from numpyro_lds.kalman import (
+    GaussMarkovChain,
+    Moments,
+    Potentials,
+    chain_entropy,
+    chain_log_prob,
+    chain_moments,
+    chain_sample,
+    condition_on_potentials,
+    expected_potential_log_prob,
+    reverse_moments,
+)
+
+__all__ = ["LDSPosterior", "LinearGaussianStateSpace"]
+
+_CHAIN_NDIMS = GaussMarkovChain(1, 2, 3, 2, 3)
+_POTENTIAL_NDIMS = Potentials(2, 3, 3, 1)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _as_float(name, x):
+    """Convert to a floating array; integers are promoted, other dtypes are rejected."""
+    if isinstance(x, Distribution):
+        raise TypeError(f"{name} must be an array, got a {type(x).__name__} distribution")
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.bool_) or jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def _shape_error(name, shape, expected):
+    return ValueError(f"{name} must have shape {expected}, got shape {tuple(shape)}")
+
+
+def _broadcast_batch(named_batch_shapes):
+    try:
+        return tuple(jnp.broadcast_shapes(*[s for _, s in named_batch_shapes]))
+    except ValueError:
+        listed = ", ".join(f"{n}: {tuple(s)}" for n, s in named_batch_shapes)
+        raise ValueError(f"batch shapes of the arguments do not broadcast ({listed})") from None
+
+
+class _PriorShapes(NamedTuple):
+    batch_shape: tuple
+    num_steps: int
+    state_dim: int
+    matrix: tuple  # normalized shapes, with a time axis
+    cov: tuple
+    offset: tuple
+
+
+def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
+    """Resolve ``T``, ``k`` and the batch shape from argument shapes, or raise ValueError."""
+    mean, cov0, matrix, cov = map(tuple, (mean, cov0, matrix, cov))
+    if len(mean) < 1:
+        raise _shape_error("initial_mean", mean, "[..., k]")
+    k = mean[-1]
+    if k < 1:
+        raise _shape_error("initial_mean", mean, "[..., k] with k >= 1")
+    if len(cov0) < 2 or cov0[-2:] != (k, k):
+        raise _shape_error("initial_cov", cov0, f"[..., {k}, {k}] (k={k} from initial_mean)")
+    offset = (k,) if offset is None else tuple(offset)
+    norm = {}
+    for name, shape, event in (
+        ("transition_matrix", matrix, (k, k)),
+        ("transition_cov", cov, (k, k)),
+        ("transition_offset", offset, (k,)),
+    ):
+        e = len(event)
+        expected = f"{list(event)} or [..., T-1 or 1, {', '.join(map(str, event))}] (k={k})"
+        if len(shape) < e or shape[-e:] != event:
+            raise _shape_error(name, shape, expected)
+        norm[name] = (1,) + shape if len(shape) == e else shape
+    lengths = {n: s[-len(ev) - 1] for (n, s), ev in zip(norm.items(), ((k, k), (k, k), (k,)))}
+    if num_steps is not None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+            raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        num_steps = int(num_steps)
+    explicit = {n: t for n, t in lengths.items() if t != 1}
+    if explicit:
+        if num_steps is None:
+            num_steps = next(iter(explicit.values())) + 1
+        for n, t_n in explicit.items():
+            if t_n != num_steps - 1:
+                pos = -2 if n == "transition_offset" else -3
+                raise ValueError(
+                    f"{n} has shape {norm[n]} with a time axis (position {pos}) of length "
+                    f"{t_n}; expected T-1 = {num_steps - 1} or 1 (T = {num_steps})"
+                )
+    elif num_steps is None:
+        raise ValueError(
+            "num_steps is required when no transition argument has a time axis of length T-1"
+        )
+    batch_shape = _broadcast_batch(
+        [
+            ("initial_mean", mean[:-1]),
+            ("initial_cov", cov0[:-2]),
+            ("transition_matrix", norm["transition_matrix"][:-3]),
+            ("transition_cov", norm["transition_cov"][:-3]),
+            ("transition_offset", norm["transition_offset"][:-2]),
+        ]
+    )
+    return _PriorShapes(
+        batch_shape,
+        num_steps,
+        k,
+        norm["transition_matrix"],
+        norm["transition_cov"],
+        norm["transition_offset"],
+    )
+
+
+class _PosteriorShapes(NamedTuple):
+    batch_shape: tuple
+    potential_dim: int
+    emission: Optional[tuple]
+
+
+def _posterior_shapes(prior_batch, T, k, mean, cov, var, emission, mask) -> _PosteriorShapes:
+    """Check the potentials' shapes against ``T`` and ``k``, or raise ValueError."""
+    mean = tuple(mean)
+    if len(mean) < 2 or mean[-2] != T or mean[-1] < 1:
+        raise _shape_error("potential_mean", mean, f"[..., {T}, d] (T={T} from prior)")
+    d = mean[-1]
+    if (cov is None) == (var is None):
+        raise ValueError(
+            "exactly one of potential_cov [..., T, d, d] or potential_var [..., T, d] "
+            f"must be given, got {'both' if cov is not None else 'neither'}"
+        )
+    named = [("prior", tuple(prior_batch)), ("potential_mean", mean[:-2])]
+    if cov is not None:
+        cov = tuple(cov)
+        if len(cov) < 3 or cov[-3:] != (T, d, d):
+            raise _shape_error("potential_cov", cov, f"[..., {T}, {d}, {d}] (T={T}, d={d})")
+        named.append(("potential_cov", cov[:-3]))
+    else:
+        var = tuple(var)
+        if len(var) < 2 or var[-2:] != (T, d):
+            raise _shape_error("potential_var", var, f"[..., {T}, {d}] (T={T}, d={d})")
+        named.append(("potential_var", var[:-2]))
+    if emission is None:
+        if d != k:
+            raise ValueError(
+                f"emission_matrix [{d}, {k}] is required when the potential dimension "
+                f"d={d} differs from the state dimension k={k}"
+            )
+    else:
+        emission = tuple(emission)
+        expected = f"[{d}, {k}] or [..., {T} or 1, {d}, {k}] (d={d}, k={k}, T={T})"
+        if len(emission) < 2 or emission[-2:] != (d, k):
+            raise _shape_error("emission_matrix", emission, expected)
+        if len(emission) == 2:
+            emission = (1,) + emission
+        if emission[-3] not in (1, T):
+            raise _shape_error("emission_matrix", emission, expected)
+        named.append(("emission_matrix", emission[:-3]))
+    if mask is not None:
+        mask = tuple(mask)
+        if len(mask) < 1 or mask[-1] != T:
+            raise _shape_error("mask", mask, f"[..., {T}] (T={T})")
+        named.append(("mask", mask[:-1]))
+    return _PosteriorShapes(_broadcast_batch(named), d, emission)
+
+
+# ---------------------------------------------------------------------- base class
+
+
+class _ChainDistribution(Distribution):
+    """Shared behaviour of distributions that are Gauss–Markov chains over ``[T, k]``.
+
+    Subclasses provide ``_core_args`` (the arrays and their per-sequence ndims) and
+    ``_single_chain`` (the chain of one sequence); ``_chain_reversed`` says whether that
+    chain runs backward in time. Everything else is generic.
+    """
+
+    support = constraints.real_matrix
+    _chain_reversed = False
+
+    def get_args(self):
+        return {k: v for k, v in super().get_args().items() if v is not None}
+
+    # -- per-sequence pieces, batched by batch_map --------------------------------
+    def _core_args(self):
+        raise NotImplementedError
+
+    @classmethod
+    def _single_chain(cls, args, num_steps):
+        raise NotImplementedError
+
+    @classmethod
+    def _single_moments(cls, args, num_steps) -> Moments:
+        moments = chain_moments(cls._single_chain(args, num_steps), num_steps)
+        return reverse_moments(moments) if cls._chain_reversed else moments
+
+    def _map(self, fn):
+        args, ndims = self._core_args()
+        num_steps = self.event_shape[0]
+        return batch_map(lambda a: fn(a, num_steps), self.batch_shape, (args,), (ndims,))
+
+    def _moments(self) -> Moments:
+        return self._map(type(self)._single_moments)
+
+    # -- public API -----------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """``T``, the number of time steps."""
+        return self.event_shape[0]
+
+    @property
+    def mean(self):
+        """Marginal means ``E[z_t]``, shape ``batch_shape + [T, k]``."""
+        return self._moments().means
+
+    @property
+    def variance(self):
+        """Marginal variances (diagonal of ``Cov(z_t)``), shape ``batch_shape + [T, k]``."""
+        return jnp.diagonal(self._moments().covs, axis1=-2, axis2=-1)
+
+    @property
+    def marginal_covariance(self):
+        """Marginal covariances ``Cov(z_t)``, shape ``batch_shape + [T, k, k]``."""
+        return self._moments().covs
+
+    @property
+    def cross_covariance(self):
+        """Lag-one cross-covariances ``Cov(z_{t+1}, z_t)``, shape ``batch_shape + [T-1, k, k]``."""
+        return self._moments().cross_covs
+
+    def entropy(self):
+        """Joint entropy of the trajectory, shape ``batch_shape``."""
+        return self._map(lambda a, T: chain_entropy(type(self)._single_chain(a, T), T))
+
+    def sample(self, key, sample_shape=()):
+        """Reparametrized draw of shape ``sample_shape + batch_shape + [T, k]``."""
+        sample_shape = tuple(sample_shape)
+        args, ndims = self._core_args()
+        dtype = jnp.result_type(*jax.tree.leaves(args))
+        eps = random.normal(key, sample_shape + self.batch_shape + self.event_shape, dtype)
+        # [S..., B..., T, k] -> [B..., S, T, k]: the sample axis is part of each sequence's work.
+        n_s, n_b = len(sample_shape), len(self.batch_shape)
+        eps = jnp.moveaxis(eps.reshape((-1,) + eps.shape[n_s:]), 0, n_b)
+        reverse = type(self)._chain_reversed
+        num_steps = self.num_steps
+
+        def draw(a, e):
+            chain = type(self)._single_chain(a, num_steps)
+            one = lambda e1: chain_sample(chain, e1[::-1])[::-1] if reverse else chain_sample(chain, e1)  # noqa: E731
+            return jax.vmap(one)(e)
+
+        z = batch_map(draw, self.batch_shape, (args, eps), (ndims, 3))
+        z = jnp.moveaxis(z, n_b, 0)
+        return z.reshape(sample_shape + z.shape[1:])
+
+    @validate_sample
+    def log_prob(self, value):
+        """Log-density of trajectories ``value`` of shape ``[..., T, k]``."""
+        value = jnp.asarray(value)
+        if value.shape[-2:] != self.event_shape:
+            raise _shape_error("value", value.shape, f"[..., {self.num_steps}, {self.event_shape[1]}]")
+        chain = self._map(type(self)._single_chain)
+        if type(self)._chain_reversed:
+            value = jnp.flip(value, -2)
+        lp = chain_log_prob(chain, value)
+        return jnp.broadcast_to(lp, lax.broadcast_shapes(value.shape[:-2], self.batch_shape))
+
+
+# --------------------------------------------------------------------------- prior
+
+
+class LinearGaussianStateSpace(_ChainDistribution):
+    r"""Linear-Gaussian state-space (LDS) prior over a latent trajectory ``z`` of shape ``[T, k]``.
+
+    .. math::
+
+        z_1 &\sim \mathcal N(\mathrm{initial\_mean},\ \mathrm{initial\_cov}), \\
+        z_t \mid z_{t-1} &\sim \mathcal N(A_{t} z_{t-1} + b_{t},\ Q_{t}), \qquad t = 2, \dots, T,
+
+    with :math:`A` = ``transition_matrix``, :math:`b` = ``transition_offset`` and
+    :math:`Q` = ``transition_cov``.
+
+    Shapes:
+      ``initial_mean [..., k]``, ``initial_cov [..., k, k]``. A transition argument is
+      either shared over time and batch (``[k, k]``; offset ``[k]``) or carries a time axis
+      in position -3 (offset: -2) of length ``T - 1``, or 1 to share it over time:
+      ``[..., T-1 or 1, k, k]``. ``event_shape == (T, k)``; ``batch_shape`` is the broadcast
+      of the arguments' leading dimensions. Transition arguments are stored with their
+      time axis.
+
+    Args:
+      initial_mean: mean of ``z_1``.
+      initial_cov: covariance of ``z_1``.
+      transition_matrix: ``A``.
+      transition_cov: process-noise covariance ``Q``.
+      transition_offset: ``b``; zero if omitted.
+      num_steps: ``T``. Required when no argument has a time axis of length ``T - 1``;
+        must agree when one does.
+      validate_args: check positive definiteness and finiteness of the arguments.
+
+    Raises:
+      ValueError: on inconsistent shapes (naming the argument, the shape received and the
+        shape expected) and, with ``validate_args``, on invalid values.
+      TypeError: on non-floating arguments or a non-integer ``num_steps``.
+
+    References:
+      Särkkä, S. (2013). *Bayesian Filtering and Smoothing*. Cambridge University Press.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax import random
+      >>> from numpyro_lds import LinearGaussianStateSpace
+      >>> prior = LinearGaussianStateSpace(
+      ...     jnp.zeros(2), jnp.eye(2), 0.9 * jnp.eye(2), 0.1 * jnp.eye(2), num_steps=50)
+      >>> prior.event_shape
+      (50, 2)
+      >>> z = prior.sample(random.key(0))
+      >>> prior.log_prob(z).shape
+      ()
+    """
+
+    arg_constraints = {
+        "initial_mean": constraints.real_vector,
+        "initial_cov": constraints.positive_definite,
+        "transition_matrix": constraints.real,
+        "transition_cov": constraints.positive_definite,
+        "transition_offset": constraints.real,
+    }
+    reparametrized_params = [
+        "initial_mean",
+        "initial_cov",
+        "transition_matrix",
+        "transition_cov",
+        "transition_offset",
+    ]
+    pytree_data_fields = (
+        "initial_mean",
+        "initial_cov",
+        "transition_matrix",
+        "transition_cov",
+        "transition_offset",
+    )
+
+    def __init__(
+        self,
+        initial_mean,
+        initial_cov,
+        transition_matrix,
+        transition_cov,
+        transition_offset=None,
+        *,
+        num_steps=None,
+        validate_args=None,
+    ):
+        args = {
+            "initial_mean": initial_mean,
+            "initial_cov": initial_cov,
+            "transition_matrix": transition_matrix,
+            "transition_cov": transition_cov,
+        }
+        if transition_offset is not None:
+            args["transition_offset"] = transition_offset
+        args = {n: _as_float(n, v) for n, v in args.items()}
+        dtype = jnp.result_type(*args.values())
+        args = {n: v.astype(dtype) for n, v in args.items()}
+        shapes = _prior_shapes(
+            args["initial_mean"].shape,
+            args["initial_cov"].shape,
+            args["transition_matrix"].shape,
+            args["transition_cov"].shape,
+            args["transition_offset"].shape if transition_offset is not None else None,
+            num_steps,
+        )
+        k = shapes.state_dim
+        self.initial_mean = args["initial_mean"]
+        self.initial_cov = args["initial_cov"]
+        self.transition_matrix = args["transition_matrix"].reshape(shapes.matrix)
+        self.transition_cov = args["transition_cov"].reshape(shapes.cov)
+        self.transition_offset = (
+            jnp.zeros((1, k), dtype)
+            if transition_offset is None
+            else args["transition_offset"].reshape(shapes.offset)
+        )
+        super().__init__(
+            shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args
+        )
+
+    @staticmethod
+    def infer_shapes(
+        initial_mean,
+        initial_cov,
+        transition_matrix,
+        transition_cov,
+        transition_offset=None,
+        num_steps=None,
+    ):
+        """``(batch_shape, event_shape)`` from the arguments' shapes."""
+        shapes = _prior_shapes(
+            initial_mean, initial_cov, transition_matrix, transition_cov, transition_offset, num_steps
+        )
+        return shapes.batch_shape, (shapes.num_steps, shapes.state_dim)
+
+    def expand(self, batch_shape):
+        """Same distribution with a larger batch shape; parameters broadcast lazily."""
+        batch_shape = tuple(batch_shape)
+        try:
+            new = lax.broadcast_shapes(batch_shape, self.batch_shape)
+        except ValueError:
+            new = None
+        if new != batch_shape:
+            raise ValueError(f"cannot expand batch shape {self.batch_shape} to {batch_shape}")
+        out = jax.tree.map(lambda x: x, self)
+        out._batch_shape = batch_shape
+        return out
+
+    def _core_args(self):
+        chain = GaussMarkovChain(
+            self.initial_mean,
+            self.initial_cov,
+            self.transition_matrix,
+            self.transition_offset,
+            self.transition_cov,
+        )
+        return chain, _CHAIN_NDIMS
+
+    @classmethod
+    def _single_chain(cls, args, num_steps):
+        return args
+
+
+# ----------------------------------------------------------------------- posterior
+
+
+class LDSPosterior(_ChainDistribution):
+    r"""Structured Gauss–Markov posterior: an LDS prior conditioned on Gaussian potentials.
+
+    .. math::
+
+        q(z) \propto \mathrm{prior}(z) \prod_{t:\ \mathrm{mask}_t}
+            \mathcal N(\mathrm{potential\_mean}_t;\ H_t z_t,\ R_t),
+
+    with :math:`H` = ``emission_matrix`` (identity by default) and :math:`R_t` =
+    ``potential_cov`` (or ``diag(potential_var)``). The potentials are free parameters or
+    an encoder's outputs (the structured VAE of Johnson et al. 2016). Moments come from a
+    Kalman filter and RTS smoother; samples from forward-filtering backward-sampling,
+    reparametrized and differentiable in every input.
+
+    Shapes:
+      ``prior``: a :class:`LinearGaussianStateSpace` with ``event_shape (T, k)``;
+      ``potential_mean [..., T, d]``; exactly one of ``potential_cov [..., T, d, d]`` or
+      ``potential_var [..., T, d]``; ``emission_matrix [d, k]`` or
+      ``[..., T or 1, d, k]`` (required when ``d != k``); ``mask [..., T]`` bool.
+
+    Args:
+      prior: the LDS prior that the potentials condition.
+      potential_mean: pseudo-observations ``y_t``.
+      potential_cov: their full covariances ``R_t``.
+      potential_var: their variances (diagonal ``R_t``).
+      emission_matrix: ``H``.
+      mask: False where a step has no potential.
+      validate_args: check positive definiteness and finiteness of the arguments.
+
+    Raises:
+      ValueError: on inconsistent shapes, both or neither of ``potential_cov`` and
+        ``potential_var``, and, with ``validate_args``, invalid values.
+      TypeError: on a non-distribution ``prior``, a non-boolean ``mask`` or non-floating
+        arrays.
+
+    References:
+      Särkkä, S. (2013). *Bayesian Filtering and Smoothing*. Cambridge University Press.
+      Johnson, M. J. et al. (2016). Composing graphical models with neural networks for
+      structured representations and fast inference. NeurIPS.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
+      >>> prior = LinearGaussianStateSpace(
+      ...     jnp.zeros(1), jnp.eye(1), jnp.eye(1), 0.1 * jnp.eye(1), num_steps=3)
+      >>> q = LDSPosterior(prior, jnp.ones((3, 1)), potential_var=jnp.full((3, 1), 0.5))
+      >>> q.mean.shape
+      (3, 1)
+      >>> bool(q.kl_to_prior() > 0)
+      True
+    """
+
+    arg_constraints = {
+        "potential_mean": constraints.independent(constraints.real, 2),
+        "potential_cov": constraints.positive_definite,
+        "potential_var": constraints.positive,
+        "emission_matrix": constraints.real,
+    }
+    reparametrized_params = ["potential_mean", "potential_cov", "potential_var", "emission_matrix"]
+    pytree_data_fields = (
+        "prior",
+        "potential_mean",
+        "potential_cov",
+        "potential_var",
+        "emission_matrix",
+        "potential_mask",
+    )
+    _chain_reversed = True
+
+    def __init__(
+        self,
+        prior,
+        potential_mean,
+        potential_cov=None,
+        *,
+        potential_var=None,
+        emission_matrix=None,
+        mask=None,
+        validate_args=None,
+    ):
+        if not isinstance(prior, LinearGaussianStateSpace):
+            raise TypeError(
+                f"prior must be a LinearGaussianStateSpace, got {type(prior).__name__}"
+            )
+        T, k = prior.event_shape
+        arrays = {
+            "potential_mean": potential_mean,
+            "potential_cov": potential_cov,
+            "potential_var": potential_var,
+            "emission_matrix": emission_matrix,
+        }
+        arrays = {n: None if v is None else _as_float(n, v) for n, v in arrays.items()}
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.dtype != jnp.bool_:
+                raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+        shape = lambda n: None if arrays[n] is None else arrays[n].shape  # noqa: E731
+        shapes = _posterior_shapes(
+            prior.batch_shape,
+            T,
+            k,
+            shape("potential_mean"),
+            shape("potential_cov"),
+            shape("potential_var"),
+            shape("emission_matrix"),
+            None if mask is None else mask.shape,
+        )
+        dtype = prior.initial_mean.dtype
+        arrays = {n: None if v is None else v.astype(dtype) for n, v in arrays.items()}
+        self.prior = prior
+        self.potential_mean = arrays["potential_mean"]
+        self.potential_cov = arrays["potential_cov"]
+        self.potential_var = arrays["potential_var"]
+        self.emission_matrix = (
+            None if shapes.emission is None else arrays["emission_matrix"].reshape(shapes.emission)
+        )
+        self.potential_mask = mask
+        super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
+
+    def expand(self, batch_shape):
+        """Same distribution with a larger batch shape; parameters broadcast lazily."""
+        batch_shape = tuple(batch_shape)
+        out = jax.tree.map(lambda x: x, self)
+        out.prior = self.prior.expand(batch_shape)
+        out._batch_shape = batch_shape
+        return out
+
+    def _potentials(self):
+        T, k = self.event_shape
+        d = self.potential_mean.shape[-1]
+        dtype = self.potential_mean.dtype
+        cov = self.potential_cov
+        if cov is None:
+            cov = self.potential_var[..., None] * jnp.eye(d, dtype=dtype)
+        H = self.emission_matrix
+        if H is None:
+            H = jnp.eye(k, dtype=dtype)[None]
+        mask = self.potential_mask
+        if mask is None:
+            mask = jnp.ones((T,), bool)
+        return Potentials(self.potential_mean, cov, H, mask)
+
+    def _core_args(self):
+        chain, chain_ndims = self.prior._core_args()
+        return (chain, self._potentials()), (chain_ndims, _POTENTIAL_NDIMS)
+
+    @classmethod
+    def _single_posterior(cls, args, num_steps):
+        chain, potentials = args
+        return condition_on_potentials(chain, potentials)
+
+    @classmethod
+    def _single_chain(cls, args, num_steps):
+        return cls._single_posterior(args, num_steps).backward_chain
+
+    @property
+    def log_normalizer(self):
+        r"""``log ∫ prior(z) Π_t N(potential_mean_t; H_t z_t, R_t) dz``, shape ``batch_shape``.
+
+        The marginal likelihood of the pseudo-observations under the prior.
+        """
+        return self._map(lambda a, T: type(self)._single_posterior(a, T).log_normalizer)
+
+    def kl_to_prior(self):
+        r"""``KL(self ‖ self.prior)`` by the identity ``Σ_t E_q[log φ_t(z_t)] − log Z``.
+
+        Cheaper than the general closed form (:func:`numpyro_lds.kl_terms`), which it
+        equals; it holds only against the very prior that the potentials condition.
+        """
+
+        def single(args, num_steps):
+            post = type(self)._single_posterior(args, num_steps)
+            moments = reverse_moments(chain_moments(post.backward_chain, num_steps))
+            return expected_potential_log_prob(moments, args[1]) - post.log_normalizer
+
+        return self._map(single)

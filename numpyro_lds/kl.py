@@ -1,0 +1,147 @@
+"""The closed-form KL divergence between two Gauss–Markov chains (Terms A–C).
+
+For ``q`` and ``p`` chains over ``z_{1:T}``,
+
+.. math::
+
+    \\mathrm{KL}(q \\| p) = \\underbrace{\\mathrm{KL}(q(z_1) \\| p(z_1))}_{\\text{Term A}}
+      + \\underbrace{\\sum_{t \\ge 2} \\mathbb E_q[\\log q(z_t \\mid z_{t-1})]}_{\\text{Term B}}
+      - \\underbrace{\\sum_{t \\ge 2} \\mathbb E_q[\\log p(z_t \\mid z_{t-1})]}_{\\text{Term C}}.
+
+The derivation, with every expectation written out, is ``docs/derivation.md``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+from numpyro.distributions.kl import kl_divergence
+
+from numpyro_lds._batch import batch_map
+from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace, _ChainDistribution
+from numpyro_lds.kalman import (
+    chain_entropy,
+    chain_moments,
+    expected_transition_log_prob,
+    reverse_moments,
+)
+from numpyro_lds.linalg import cholesky, expected_mvn_log_prob, mvn_entropy, mvn_kl
+
+__all__ = ["KLTerms", "kl_terms"]
+
+
+class KLTerms(NamedTuple):
+    """The three terms of ``KL(q ‖ p) = term_a + term_b − term_c``, each ``batch_shape``.
+
+    Attributes:
+      term_a: ``KL(q(z_1) ‖ p(z_1))``.
+      term_b: ``Σ_{t≥2} E_q[log q(z_t | z_{t-1})]``, the negative conditional entropy of q.
+      term_c: ``Σ_{t≥2} E_q[log p(z_t | z_{t-1})]``.
+    """
+
+    term_a: jnp.ndarray
+    term_b: jnp.ndarray
+    term_c: jnp.ndarray
+
+    @property
+    def kl(self):
+        """``term_a + term_b − term_c``."""
+        return self.term_a + self.term_b - self.term_c
+
+
+def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps) -> KLTerms:
+    """Terms A–C for one sequence. ``*_cls`` say how each chain is represented."""
+    q_chain = q_cls._single_chain(q_args, num_steps)
+    q_moments = chain_moments(q_chain, num_steps)
+    if q_cls._chain_reversed:
+        q_moments = reverse_moments(q_moments)
+    chol_q1 = cholesky(q_moments.covs[0])
+
+    p_chain = p_cls._single_chain(p_args, num_steps)
+    if p_cls._chain_reversed:
+        # p runs backward: its marginal at t = 1 is the end of its own recursion.
+        p_rev = chain_moments(p_chain, num_steps)
+        p1_mean, p1_cov = p_rev.means[-1], p_rev.covs[-1]
+    else:
+        p1_mean, p1_cov = p_chain.initial_mean, p_chain.initial_cov
+    chol_p1 = cholesky(p1_cov)
+
+    term_a = mvn_kl(q_moments.means[0], chol_q1, p1_mean, chol_p1)
+    # Σ_{t≥2} H_q(z_t | z_{t-1}) = H_q(z_{1:T}) − H_q(z_1), whichever way q's chain runs.
+    term_b = mvn_entropy(chol_q1) - chain_entropy(q_chain, num_steps)
+    if p_cls._chain_reversed:
+        # Σ_{t≥2} E_q log p(z_t | z_{t-1}) = E_q log p(z_{1:T}) − E_q log p(z_1), with
+        # log p(z_{1:T}) evaluated through p's backward factorization.
+        q_rev = reverse_moments(q_moments)
+        log_p_joint = expected_mvn_log_prob(
+            q_rev.means[0], q_rev.covs[0], p_chain.initial_mean, cholesky(p_chain.initial_cov)
+        ) + expected_transition_log_prob(q_rev, p_chain)
+        log_p1 = expected_mvn_log_prob(q_moments.means[0], q_moments.covs[0], p1_mean, chol_p1)
+        term_c = log_p_joint - log_p1
+    else:
+        term_c = expected_transition_log_prob(q_moments, p_chain)
+    return KLTerms(term_a, term_b, term_c)
+
+
+def kl_terms(q: _ChainDistribution, p: _ChainDistribution) -> KLTerms:
+    """Terms A–C of the closed-form ``KL(q ‖ p)`` between two LDS chains.
+
+    ``q`` and ``p`` are each a :class:`~numpyro_lds.LinearGaussianStateSpace` or an
+    :class:`~numpyro_lds.LDSPosterior`, with any (different) dynamics. The result has the
+    broadcast batch shape of ``q`` and ``p``.
+
+    Args:
+      q: the distribution the expectations are taken under.
+      p: the reference distribution.
+
+    Returns:
+      :class:`KLTerms`; ``KLTerms.kl`` is the divergence.
+
+    Raises:
+      ValueError: if the event shapes differ or the batch shapes do not broadcast.
+      TypeError: if either argument is not one of the two classes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from numpyro_lds import LinearGaussianStateSpace, kl_terms
+      >>> p = LinearGaussianStateSpace(jnp.zeros(1), jnp.eye(1), jnp.eye(1), jnp.eye(1), num_steps=4)
+      >>> q = LinearGaussianStateSpace(jnp.ones(1), jnp.eye(1), jnp.eye(1), jnp.eye(1), num_steps=4)
+      >>> float(kl_terms(q, p).kl)  # only z_1 differs: KL = 1/2
+      0.5
+    """
+    for name, d in (("q", q), ("p", p)):
+        if not isinstance(d, _ChainDistribution):
+            raise TypeError(
+                f"{name} must be a LinearGaussianStateSpace or an LDSPosterior, "
+                f"got {type(d).__name__}"
+            )
+    if q.event_shape != p.event_shape:
+        raise ValueError(
+            f"q and p must have the same event shape (T, k), got {q.event_shape} and {p.event_shape}"
+        )
+    try:
+        batch_shape = lax.broadcast_shapes(q.batch_shape, p.batch_shape)
+    except ValueError:
+        raise ValueError(
+            f"batch shapes of q {q.batch_shape} and p {p.batch_shape} do not broadcast"
+        ) from None
+    q_args, q_nd = q._core_args()
+    p_args, p_nd = p._core_args()
+    num_steps = q.event_shape[0]
+    return batch_map(
+        lambda qa, pa: _single_kl_terms(type(q), type(p), qa, pa, num_steps),
+        batch_shape,
+        (q_args, p_args),
+        (q_nd, p_nd),
+    )
+
+
+def _kl(q, p):
+    return kl_terms(q, p).kl
+
+
+for _q in (LinearGaussianStateSpace, LDSPosterior):
+    for _p in (LinearGaussianStateSpace, LDSPosterior):
+        kl_divergence.register(_q, _p)(_kl)

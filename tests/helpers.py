@@ -1,0 +1,86 @@
+"""Random LDS models and their dense counterparts, shared by the tests."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+import reference as ref
+from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
+
+
+def spd(rng, shape, k, scale=1.0):
+    """Random symmetric positive-definite matrices ``shape + [k, k]``."""
+    a = rng.normal(size=tuple(shape) + (k, k))
+    return scale * (a @ np.swapaxes(a, -1, -2) / k + 0.5 * np.eye(k))
+
+
+def random_prior(rng, k, T, batch=(), time_varying=True, offset=True):
+    n = (T - 1,) if time_varying else ()
+    A = 0.8 * rng.normal(size=tuple(batch) + n + (k, k)) / np.sqrt(k)
+    Q = spd(rng, tuple(batch) + n, k, 0.5)
+    b = rng.normal(size=tuple(batch) + n + (k,)) if offset else None
+    return LinearGaussianStateSpace(
+        rng.normal(size=tuple(batch) + (k,)),
+        spd(rng, batch, k),
+        A,
+        Q,
+        b,
+        num_steps=T,
+    )
+
+
+def random_posterior(rng, prior, d=None, batch=(), diag=False, emission="auto", mask=False):
+    T, k = prior.event_shape
+    d = k if d is None else d
+    kwargs = {}
+    if diag:
+        kwargs["potential_var"] = rng.uniform(0.2, 2.0, size=tuple(batch) + (T, d))
+    else:
+        kwargs["potential_cov"] = spd(rng, tuple(batch) + (T,), d, 0.7)
+    if emission == "time" or (emission == "auto" and d != k):
+        kwargs["emission_matrix"] = rng.normal(size=tuple(batch) + (T, d, k))
+    elif emission == "shared":
+        kwargs["emission_matrix"] = rng.normal(size=(d, k))
+    if mask:
+        kwargs["mask"] = rng.uniform(size=tuple(batch) + (T,)) < 0.6
+    return LDSPosterior(prior, rng.normal(size=tuple(batch) + (T, d)), **kwargs)
+
+
+def _select(x, idx, ndim_event):
+    """Index the batch part of ``x`` (right-aligned broadcasting) at ``idx``."""
+    x = np.asarray(x)
+    nb = x.ndim - ndim_event
+    idx = idx[len(idx) - nb :] if nb else ()
+    idx = tuple(i if s > 1 else 0 for i, s in zip(idx, x.shape[:nb]))
+    return x[idx]
+
+
+def dense(dist):
+    """Per batch element ``(mean [T*k], cov [T*k, T*k], log_normalizer)`` of a chain."""
+    T, k = dist.event_shape
+    out = {}
+    for idx in itertools.product(*[range(s) for s in dist.batch_shape]):
+        prior = dist.prior if isinstance(dist, LDSPosterior) else dist
+        m0 = _select(prior.initial_mean, idx, 1)
+        P0 = _select(prior.initial_cov, idx, 2)
+        A = _select(prior.transition_matrix, idx, 3)
+        b = _select(prior.transition_offset, idx, 2)
+        Q = _select(prior.transition_cov, idx, 3)
+        mean, cov = ref.prior_joint(m0, P0, A, b, Q, T)
+        log_z = 0.0
+        if isinstance(dist, LDSPosterior):
+            pot = dist._potentials()
+            y = _select(pot.mean, idx, 2)
+            mean, cov, log_z = ref.condition_joint(
+                mean,
+                cov,
+                y,
+                _select(pot.cov, idx, 3),
+                _select(pot.emission_matrix, idx, 3),
+                np.broadcast_to(_select(pot.mask, idx, 1), (T,)),
+                k,
+            )
+        out[idx] = (mean, cov, log_z)
+    return out

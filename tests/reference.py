@@ -1,0 +1,96 @@
+"""Dense float64 oracle: the full (T*k)-dimensional Gaussian by plain linear algebra (NumPy)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _along_time(x, n):
+    x = np.asarray(x, np.float64)
+    return np.broadcast_to(x, (n,) + x.shape[1:])
+
+
+def prior_joint(m0, P0, A, b, Q, T):
+    """Mean ``[T*k]`` and covariance ``[T*k, T*k]`` of one LDS prior sequence.
+
+    Stacked: ``(I − 𝔸) z = β + e`` with ``𝔸`` the sub-diagonal blocks ``A_t``,
+    ``β = [m0, b_2, …, b_T]`` and ``e ~ N(0, blockdiag(P0, Q_2, …, Q_T))``.
+    """
+    k = len(m0)
+    A, b, Q = _along_time(A, T - 1), _along_time(b, T - 1), _along_time(Q, T - 1)
+    L = np.eye(T * k)
+    D = np.zeros((T * k, T * k))
+    beta = np.zeros(T * k)
+    beta[:k] = m0
+    D[:k, :k] = P0
+    for t in range(1, T):
+        s = slice(t * k, (t + 1) * k)
+        L[s, (t - 1) * k : t * k] = -A[t - 1]
+        beta[s] = b[t - 1]
+        D[s, s] = Q[t - 1]
+    Linv = np.linalg.inv(L)
+    return Linv @ beta, Linv @ D @ Linv.T
+
+
+def condition_joint(mean, cov, y, R, H, mask, k):
+    """Condition a joint Gaussian on ``N(y_t; H_t z_t, R_t)`` at masked-in steps.
+
+    Returns the posterior mean, covariance and ``log N(y; 𝐇 mean, 𝐇 cov 𝐇ᵀ + R)``.
+    """
+    T, d = y.shape
+    H = _along_time(H, T)
+    rows = [t for t in range(T) if mask[t]]
+    if not rows:
+        return mean, cov, 0.0
+    Hbig = np.zeros((len(rows) * d, T * k))
+    Rbig = np.zeros((len(rows) * d, len(rows) * d))
+    ybig = np.zeros(len(rows) * d)
+    for i, t in enumerate(rows):
+        Hbig[i * d : (i + 1) * d, t * k : (t + 1) * k] = H[t]
+        Rbig[i * d : (i + 1) * d, i * d : (i + 1) * d] = R[t]
+        ybig[i * d : (i + 1) * d] = y[t]
+    S = Hbig @ cov @ Hbig.T + Rbig
+    K = np.linalg.solve(S, Hbig @ cov).T
+    post_mean = mean + K @ (ybig - Hbig @ mean)
+    post_cov = cov - K @ S @ K.T
+    post_cov = 0.5 * (post_cov + post_cov.T)
+    return post_mean, post_cov, mvn_log_prob(ybig, Hbig @ mean, S)
+
+
+def mvn_log_prob(x, mean, cov):
+    n = len(mean)
+    r = x - mean
+    _, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (n * np.log(2 * np.pi) + logdet + r @ np.linalg.solve(cov, r))
+
+
+def mvn_entropy(cov):
+    n = cov.shape[0]
+    return 0.5 * (n * np.log(2 * np.pi * np.e) + np.linalg.slogdet(cov)[1])
+
+
+def mvn_kl(mq, Cq, mp, Cp):
+    n = len(mq)
+    r = mp - mq
+    return 0.5 * (
+        np.trace(np.linalg.solve(Cp, Cq))
+        + r @ np.linalg.solve(Cp, r)
+        - n
+        + np.linalg.slogdet(Cp)[1]
+        - np.linalg.slogdet(Cq)[1]
+    )
+
+
+def expected_log_prob(mq, Cq, mp, Cp):
+    """``E_{N(mq, Cq)}[log N(z; mp, Cp)]``."""
+    return mvn_log_prob(mq, mp, Cp) - 0.5 * np.trace(np.linalg.solve(Cp, Cq))
+
+
+def blocks(mean, cov, T, k):
+    """Per-step means ``[T, k]``, covariances ``[T, k, k]`` and ``Cov(z_{t+1}, z_t)``."""
+    means = mean.reshape(T, k)
+    covs = np.stack([cov[t * k : (t + 1) * k, t * k : (t + 1) * k] for t in range(T)])
+    cross = np.stack(
+        [cov[(t + 1) * k : (t + 2) * k, t * k : (t + 1) * k] for t in range(T - 1)]
+    ).reshape(T - 1, k, k)
+    return means, covs, cross
