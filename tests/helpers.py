@@ -17,7 +17,7 @@ def spd(rng, shape, k, scale=1.0):
 
 
 def random_prior(rng, k, T, batch=(), time_varying=True, offset=True):
-    n = (T - 1,) if time_varying else ()
+    n = (T - 1,) if time_varying else ((1,) if batch else ())
     A = 0.8 * rng.normal(size=tuple(batch) + n + (k, k)) / np.sqrt(k)
     Q = spd(rng, tuple(batch) + n, k, 0.5)
     b = rng.normal(size=tuple(batch) + n + (k,)) if offset else None

@@ -90,7 +90,7 @@ def blocks(mean, cov, T, k):
     """Per-step means ``[T, k]``, covariances ``[T, k, k]`` and ``Cov(z_{t+1}, z_t)``."""
     means = mean.reshape(T, k)
     covs = np.stack([cov[t * k : (t + 1) * k, t * k : (t + 1) * k] for t in range(T)])
-    cross = np.stack(
+    cross = np.array(
         [cov[(t + 1) * k : (t + 2) * k, t * k : (t + 1) * k] for t in range(T - 1)]
     ).reshape(T - 1, k, k)
     return means, covs, cross
