@@ -37,6 +37,10 @@ def batch_map(fn, batch_shape, args, event_ndims):
         x = jnp.broadcast_to(x, batch_shape + x.shape[x.ndim - nd :])
         return x.reshape((size,) + x.shape[len(batch_shape) :])
 
+    if not any(jax.tree.leaves(jax.tree.map(has_batch, args, event_ndims))):
+        # Only the batch shape was expanded: compute once, broadcast the result.
+        out = fn(*args)
+        return jax.tree.map(lambda y: jnp.broadcast_to(y, batch_shape + y.shape), out)
     flat_args = jax.tree.map(flatten, args, event_ndims)
     in_axes = jax.tree.map(lambda x, nd: 0 if has_batch(x, nd) else None, args, event_ndims)
     out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
