@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,14 @@ def batch_map(fn, batch_shape, args, event_ndims):
     in_axes = jax.tree.map(lambda x, nd: 0 if has_batch(x, nd) else None, args, event_ndims)
     out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
     return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
+
+
+@partial(jax.jit, static_argnames=("fn", "batch_shape", "event_ndims", "num_steps"))
+def jit_batch_map(fn, batch_shape, args, event_ndims, num_steps):
+    """:func:`batch_map` of ``fn(*args, num_steps)``, compiled once per shape.
+
+    ``fn`` must be hashable and stable (a module-level function or a classmethod), so that
+    eager calls (``q.mean`` outside ``jit``) reuse the compiled scan instead of tracing anew.
+    Inside an outer ``jit`` this is inlined.
+    """
+    return batch_map(lambda *a: fn(*a, num_steps), batch_shape, args, event_ndims)

@@ -12,7 +12,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
 from numpyro.distributions.util import validate_sample
 
-from numpyro_lds._batch import batch_map
+from numpyro_lds._batch import jit_batch_map
 from numpyro_lds.kalman import (
     GaussMarkovChain,
     Moments,
@@ -213,10 +213,22 @@ class _ChainDistribution(Distribution):
         moments = chain_moments(cls._single_chain(args, num_steps), num_steps)
         return reverse_moments(moments) if cls._chain_reversed else moments
 
+    @classmethod
+    def _single_entropy(cls, args, num_steps):
+        return chain_entropy(cls._single_chain(args, num_steps), num_steps)
+
+    @classmethod
+    def _single_sample(cls, args, eps, num_steps):
+        """Paths for standard normals ``eps [S, T, k]``."""
+        chain = cls._single_chain(args, num_steps)
+        if cls._chain_reversed:
+            return jax.vmap(lambda e: chain_sample(chain, e[::-1])[::-1])(eps)
+        return jax.vmap(lambda e: chain_sample(chain, e))(eps)
+
     def _map(self, fn):
+        """Apply single-sequence ``fn(args, num_steps)`` over the batch."""
         args, ndims = self._core_args()
-        num_steps = self.event_shape[0]
-        return batch_map(lambda a: fn(a, num_steps), self.batch_shape, (args,), (ndims,))
+        return jit_batch_map(fn, self.batch_shape, (args,), (ndims,), self.num_steps)
 
     def _moments(self) -> Moments:
         return self._map(type(self)._single_moments)
@@ -249,7 +261,7 @@ class _ChainDistribution(Distribution):
 
     def entropy(self):
         """Joint entropy of the trajectory, shape ``batch_shape``."""
-        return self._map(lambda a, T: chain_entropy(type(self)._single_chain(a, T), T))
+        return self._map(type(self)._single_entropy)
 
     def sample(self, key, sample_shape=()):
         """Reparametrized draw of shape ``sample_shape + batch_shape + [T, k]``."""
@@ -260,15 +272,9 @@ class _ChainDistribution(Distribution):
         # [S..., B..., T, k] -> [B..., S, T, k]: the sample axis is part of each sequence's work.
         n_s, n_b = len(sample_shape), len(self.batch_shape)
         eps = jnp.moveaxis(eps.reshape((-1,) + eps.shape[n_s:]), 0, n_b)
-        reverse = type(self)._chain_reversed
-        num_steps = self.num_steps
-
-        def draw(a, e):
-            chain = type(self)._single_chain(a, num_steps)
-            one = lambda e1: chain_sample(chain, e1[::-1])[::-1] if reverse else chain_sample(chain, e1)  # noqa: E731
-            return jax.vmap(one)(e)
-
-        z = batch_map(draw, self.batch_shape, (args, eps), (ndims, 3))
+        z = jit_batch_map(
+            type(self)._single_sample, self.batch_shape, (args, eps), (ndims, 3), self.num_steps
+        )
         z = jnp.moveaxis(z, n_b, 0)
         return z.reshape(sample_shape + z.shape[1:])
 
@@ -605,13 +611,23 @@ class LDSPosterior(_ChainDistribution):
     def _single_chain(cls, args, num_steps):
         return cls._single_posterior(args, num_steps).backward_chain
 
+    @classmethod
+    def _single_log_normalizer(cls, args, num_steps):
+        return cls._single_posterior(args, num_steps).log_normalizer
+
+    @classmethod
+    def _single_kl_to_prior(cls, args, num_steps):
+        post = cls._single_posterior(args, num_steps)
+        moments = reverse_moments(chain_moments(post.backward_chain, num_steps))
+        return expected_potential_log_prob(moments, args[1]) - post.log_normalizer
+
     @property
     def log_normalizer(self):
         r"""``log ∫ prior(z) Π_t N(potential_mean_t; H_t z_t, R_t) dz``, shape ``batch_shape``.
 
         The marginal likelihood of the pseudo-observations under the prior.
         """
-        return self._map(lambda a, T: type(self)._single_posterior(a, T).log_normalizer)
+        return self._map(type(self)._single_log_normalizer)
 
     def kl_to_prior(self):
         r"""``KL(self ‖ self.prior)`` by the identity ``Σ_t E_q[log φ_t(z_t)] − log Z``.
@@ -619,10 +635,4 @@ class LDSPosterior(_ChainDistribution):
         Cheaper than the general closed form (:func:`numpyro_lds.kl_terms`), which it
         equals; it holds only against the very prior that the potentials condition.
         """
-
-        def single(args, num_steps):
-            post = type(self)._single_posterior(args, num_steps)
-            moments = reverse_moments(chain_moments(post.backward_chain, num_steps))
-            return expected_potential_log_prob(moments, args[1]) - post.log_normalizer
-
-        return self._map(single)
+        return self._map(type(self)._single_kl_to_prior)

@@ -13,13 +13,14 @@ The derivation, with every expectation written out, is ``docs/derivation.md``.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 from numpyro.distributions.kl import kl_divergence
 
-from numpyro_lds._batch import batch_map
+from numpyro_lds._batch import jit_batch_map
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace, _ChainDistribution
 from numpyro_lds.kalman import (
     chain_entropy,
@@ -49,6 +50,12 @@ class KLTerms(NamedTuple):
     def kl(self):
         """``term_a + term_b − term_c``."""
         return self.term_a + self.term_b - self.term_c
+
+
+@functools.cache
+def _single_kl_terms_for(q_cls, p_cls):
+    """One stable function per class pair, so compiled KLs are reused."""
+    return functools.partial(_single_kl_terms, q_cls, p_cls)
 
 
 def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps) -> KLTerms:
@@ -129,12 +136,12 @@ def kl_terms(q: _ChainDistribution, p: _ChainDistribution) -> KLTerms:
         ) from None
     q_args, q_nd = q._core_args()
     p_args, p_nd = p._core_args()
-    num_steps = q.event_shape[0]
-    return batch_map(
-        lambda qa, pa: _single_kl_terms(type(q), type(p), qa, pa, num_steps),
+    return jit_batch_map(
+        _single_kl_terms_for(type(q), type(p)),
         batch_shape,
         (q_args, p_args),
         (q_nd, p_nd),
+        q.event_shape[0],
     )
 
 

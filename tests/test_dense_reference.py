@@ -148,3 +148,32 @@ def test_posterior_without_potentials_is_the_prior():
     np.testing.assert_allclose(post.cross_covariance, prior.cross_covariance, rtol=RTOL)
     np.testing.assert_allclose(post.log_normalizer, 0.0)
     np.testing.assert_allclose(kl_divergence(post, prior), 0.0, atol=1e-10)
+
+
+def test_term_c_nine_term_expansion_of_the_derivation():
+    """docs/derivation.md §6: the nine expectations, summed, give Term C."""
+    rng = np.random.default_rng(7)
+    T, k = 5, 3
+    q = random_posterior(rng, random_prior(rng, k, T), mask=True)
+    p = random_prior(rng, k, T)
+    (mq, Cq, _), = dense(q).values()
+    m, S, C = ref.blocks(mq, Cq, T, k)
+    total = 0.0
+    for t in range(1, T):
+        A, b, Q = p.transition_matrix[t - 1], p.transition_offset[t - 1], p.transition_cov[t - 1]
+        A, b, Qi = np.asarray(A), np.asarray(b), np.linalg.inv(np.asarray(Q))
+        c = C[t - 1]  # Cov(z_t, z_{t-1})
+        terms = [
+            np.trace(Qi @ (S[t] + np.outer(m[t], m[t]))),  # ①
+            -np.trace(Qi @ A @ (c.T + np.outer(m[t - 1], m[t]))),  # ②
+            -m[t] @ Qi @ b,  # ③
+            -np.trace(A.T @ Qi @ (c + np.outer(m[t], m[t - 1]))),  # ④
+            np.trace(A.T @ Qi @ A @ (S[t - 1] + np.outer(m[t - 1], m[t - 1]))),  # ⑤
+            m[t - 1] @ A.T @ Qi @ b,  # ⑥
+            -b @ Qi @ m[t],  # ⑦
+            b @ Qi @ A @ m[t - 1],  # ⑧
+            b @ Qi @ b,  # ⑨
+        ]
+        logdet = np.linalg.slogdet(np.asarray(Q))[1]
+        total += -0.5 * (k * np.log(2 * np.pi) + logdet + sum(terms))
+    np.testing.assert_allclose(kl_terms(q, p).term_c, total, rtol=RTOL)

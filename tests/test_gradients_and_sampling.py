@@ -126,3 +126,24 @@ def test_sample_shapes_and_log_prob_broadcast():
         assert d.log_prob(z).shape == (6, 1) + d.batch_shape
         # a value without batch dims broadcasts against the batch
         assert d.log_prob(z[0, 0, ...][(0,) * len(d.batch_shape)]).shape == d.batch_shape
+
+
+def test_distributions_are_pytrees_under_jit_and_vmap():
+    rng = np.random.default_rng(5)
+    prior = random_prior(rng, 2, 4)
+    post = random_posterior(rng, prior, mask=True)
+    z = jnp.asarray(rng.normal(size=(4, 2)))
+    # jit: distributions pass through as arguments and come back out
+    for d in (prior, post):
+        lp, kl, d_out = jax.jit(lambda d: (d.log_prob(z), kl_divergence(d, prior), d))(d)
+        np.testing.assert_allclose(lp, d.log_prob(z), rtol=1e-12)
+        np.testing.assert_allclose(kl, kl_divergence(d, prior), rtol=1e-12)
+        assert type(d_out) is type(d) and d_out.batch_shape == d.batch_shape
+    # vmap over the potentials: the same as the batched distribution
+    ys = jnp.asarray(rng.normal(size=(3, 4, 2)))
+
+    def kl_of(y):
+        return kl_divergence(LDSPosterior(prior, y, post.potential_cov), prior)
+
+    batched = LDSPosterior(prior, ys, post.potential_cov)
+    np.testing.assert_allclose(jax.vmap(kl_of)(ys), kl_divergence(batched, prior), rtol=1e-12)
