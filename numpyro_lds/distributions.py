@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import copy
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
 from numpyro.distributions import constraints
+from numpyro.distributions.batch_util import promote_batch_shape, vmap_over
 from numpyro.distributions.distribution import Distribution
 from numpyro.distributions.util import validate_sample
 
@@ -28,8 +30,9 @@ from numpyro_lds.kalman import (
 
 __all__ = ["LDSPosterior", "LinearGaussianStateSpace"]
 
-_CHAIN_NDIMS = GaussMarkovChain(1, 2, 3, 2, 3)
-_POTENTIAL_NDIMS = Potentials(2, 3, 3, 1)
+# per-sequence (event) ndims of each field, the structure batch_map expects
+_CHAIN_NDIMS = GaussMarkovChain._make((1, 2, 3, 2, 3))
+_POTENTIAL_NDIMS = Potentials._make((2, 3, 3, 1))
 
 
 # --------------------------------------------------------------------------- checks
@@ -90,7 +93,10 @@ def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
         if len(shape) < e or shape[-e:] != event:
             raise _shape_error(name, shape, expected)
         norm[name] = (1,) + shape if len(shape) == e else shape
-    lengths = {n: s[-len(ev) - 1] for (n, s), ev in zip(norm.items(), ((k, k), (k, k), (k,)))}
+    # the time axis sits just before the event dims: -3 for matrices, -2 for the offset
+    lengths = {
+        n: s[-3] if len(s) >= 3 and n != "transition_offset" else s[-2] for n, s in norm.items()
+    }
     if num_steps is not None:
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
             raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
@@ -134,7 +140,7 @@ def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
 class _PosteriorShapes(NamedTuple):
     batch_shape: tuple
     potential_dim: int
-    emission: Optional[tuple]
+    emission: tuple | None
 
 
 def _posterior_shapes(prior_batch, T, k, mean, cov, var, emission, mask) -> _PosteriorShapes:
@@ -283,7 +289,9 @@ class _ChainDistribution(Distribution):
         """Log-density of trajectories ``value`` of shape ``[..., T, k]``."""
         value = jnp.asarray(value)
         if value.shape[-2:] != self.event_shape:
-            raise _shape_error("value", value.shape, f"[..., {self.num_steps}, {self.event_shape[1]}]")
+            raise _shape_error(
+                "value", value.shape, f"[..., {self.num_steps}, {self.event_shape[1]}]"
+            )
         chain = self._map(type(self)._single_chain)
         if type(self)._chain_reversed:
             value = jnp.flip(value, -2)
@@ -406,9 +414,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
             if transition_offset is None
             else args["transition_offset"].reshape(shapes.offset)
         )
-        super().__init__(
-            shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args
-        )
+        super().__init__(shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args)
 
     @staticmethod
     def infer_shapes(
@@ -421,7 +427,12 @@ class LinearGaussianStateSpace(_ChainDistribution):
     ):
         """``(batch_shape, event_shape)`` from the arguments' shapes."""
         shapes = _prior_shapes(
-            initial_mean, initial_cov, transition_matrix, transition_cov, transition_offset, num_steps
+            initial_mean,
+            initial_cov,
+            transition_matrix,
+            transition_cov,
+            transition_offset,
+            num_steps,
         )
         return shapes.batch_shape, (shapes.num_steps, shapes.state_dim)
 
@@ -537,9 +548,7 @@ class LDSPosterior(_ChainDistribution):
         validate_args=None,
     ):
         if not isinstance(prior, LinearGaussianStateSpace):
-            raise TypeError(
-                f"prior must be a LinearGaussianStateSpace, got {type(prior).__name__}"
-            )
+            raise TypeError(f"prior must be a LinearGaussianStateSpace, got {type(prior).__name__}")
         T, k = prior.event_shape
         arrays = {
             "potential_mean": potential_mean,
@@ -574,6 +583,22 @@ class LDSPosterior(_ChainDistribution):
         )
         self.potential_mask = mask
         super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
+
+    @staticmethod
+    def infer_shapes(
+        prior,
+        potential_mean,
+        potential_cov=None,
+        potential_var=None,
+        emission_matrix=None,
+        mask=None,
+    ):
+        """``(batch_shape, event_shape)`` from shapes; ``prior`` is the prior's pair of them."""
+        prior_batch, (T, k) = prior
+        shapes = _posterior_shapes(
+            prior_batch, T, k, potential_mean, potential_cov, potential_var, emission_matrix, mask
+        )
+        return shapes.batch_shape, (T, k)
 
     def expand(self, batch_shape):
         """Same distribution with a larger batch shape; parameters broadcast lazily."""
@@ -636,3 +661,89 @@ class LDSPosterior(_ChainDistribution):
         equals; it holds only against the very prior that the potentials condition.
         """
         return self._map(type(self)._single_kl_to_prior)
+
+
+# ------------------------------------------------------ NumPyro batching protocol
+
+
+def _default_vmap_over(d, **axes):
+    """A copy of ``d`` whose data fields hold vmap axes (None: not mapped)."""
+    out = copy.copy(d)
+    for field in type(d).gather_pytree_data_fields():
+        setattr(out, field, axes.get(field))
+    return out
+
+
+@vmap_over.register
+def _vmap_over_lgss(
+    dist: LinearGaussianStateSpace,
+    initial_mean=None,
+    initial_cov=None,
+    transition_matrix=None,
+    transition_cov=None,
+    transition_offset=None,
+):
+    return _default_vmap_over(
+        dist,
+        initial_mean=initial_mean,
+        initial_cov=initial_cov,
+        transition_matrix=transition_matrix,
+        transition_cov=transition_cov,
+        transition_offset=transition_offset,
+    )
+
+
+@vmap_over.register
+def _vmap_over_lds_posterior(
+    dist: LDSPosterior,
+    prior=None,
+    potential_mean=None,
+    potential_cov=None,
+    potential_var=None,
+    emission_matrix=None,
+    mask=None,
+):
+    """``prior`` is the prior's own axes, e.g. ``vmap_over(q.prior, initial_mean=0)``."""
+    axes = _default_vmap_over(
+        dist,
+        potential_mean=potential_mean,
+        potential_cov=potential_cov if dist.potential_cov is not None else None,
+        potential_var=potential_var if dist.potential_var is not None else None,
+        emission_matrix=emission_matrix if dist.emission_matrix is not None else None,
+        potential_mask=mask if dist.potential_mask is not None else None,
+    )
+    axes.prior = prior if prior is not None else vmap_over(dist.prior)
+    return axes
+
+
+@promote_batch_shape.register
+def _promote_batch_shape_lgss(d: LinearGaussianStateSpace):
+    shapes = _prior_shapes(
+        d.initial_mean.shape,
+        d.initial_cov.shape,
+        d.transition_matrix.shape,
+        d.transition_cov.shape,
+        d.transition_offset.shape,
+        d.num_steps,
+    )
+    new = copy.copy(d)
+    new._batch_shape = lax.broadcast_shapes(shapes.batch_shape, d.batch_shape)
+    return new
+
+
+@promote_batch_shape.register
+def _promote_batch_shape_lds_posterior(d: LDSPosterior):
+    prior = promote_batch_shape(d.prior)
+    pot = d._potentials()
+    batch = lax.broadcast_shapes(
+        d.batch_shape,
+        prior.batch_shape,
+        pot.mean.shape[:-2],
+        pot.cov.shape[:-3],
+        pot.emission_matrix.shape[:-3],
+        pot.mask.shape[:-1],
+    )
+    new = copy.copy(d)
+    new.prior = prior
+    new._batch_shape = batch
+    return new

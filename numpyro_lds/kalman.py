@@ -126,9 +126,7 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int) -> Moments:
 
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
     _, (ms, Ps, Cs) = lax.scan(step, (m0, P0), _transitions(chain, num_steps))
-    return Moments(
-        jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]), Cs
-    )
+    return Moments(jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]), Cs)
 
 
 def reverse_moments(moments: Moments) -> Moments:
@@ -167,9 +165,7 @@ def chain_sample(chain: GaussMarkovChain, eps):
 def chain_entropy(chain: GaussMarkovChain, num_steps: int):
     """Joint entropy ``H(z_1) + Σ_t H(z_{t+1} | z_t)``."""
     h_steps = mvn_entropy(cholesky(chain.transition_cov))
-    return mvn_entropy(cholesky(chain.initial_cov)) + jnp.sum(
-        _along_time(h_steps, num_steps - 1)
-    )
+    return mvn_entropy(cholesky(chain.initial_cov)) + jnp.sum(_along_time(h_steps, num_steps - 1))
 
 
 def _condition(m, P, y, R, H, observed):

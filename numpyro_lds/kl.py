@@ -52,10 +52,15 @@ class KLTerms(NamedTuple):
         return self.term_a + self.term_b - self.term_c
 
 
-@functools.cache
+_KL_FNS: dict = {}
+
+
 def _single_kl_terms_for(q_cls, p_cls):
     """One stable function per class pair, so compiled KLs are reused."""
-    return functools.partial(_single_kl_terms, q_cls, p_cls)
+    key = (q_cls, p_cls)
+    if key not in _KL_FNS:
+        _KL_FNS[key] = functools.partial(_single_kl_terms, q_cls, p_cls)
+    return _KL_FNS[key]
 
 
 def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps) -> KLTerms:
@@ -113,8 +118,9 @@ def kl_terms(q: _ChainDistribution, p: _ChainDistribution) -> KLTerms:
     Examples:
       >>> import jax.numpy as jnp
       >>> from numpyro_lds import LinearGaussianStateSpace, kl_terms
-      >>> p = LinearGaussianStateSpace(jnp.zeros(1), jnp.eye(1), jnp.eye(1), jnp.eye(1), num_steps=4)
-      >>> q = LinearGaussianStateSpace(jnp.ones(1), jnp.eye(1), jnp.eye(1), jnp.eye(1), num_steps=4)
+      >>> I = jnp.eye(1)
+      >>> p = LinearGaussianStateSpace(jnp.zeros(1), I, I, I, num_steps=4)
+      >>> q = LinearGaussianStateSpace(jnp.ones(1), I, I, I, num_steps=4)
       >>> float(kl_terms(q, p).kl)  # only z_1 differs: KL = 1/2
       0.5
     """
@@ -126,7 +132,8 @@ def kl_terms(q: _ChainDistribution, p: _ChainDistribution) -> KLTerms:
             )
     if q.event_shape != p.event_shape:
         raise ValueError(
-            f"q and p must have the same event shape (T, k), got {q.event_shape} and {p.event_shape}"
+            "q and p must have the same event shape (T, k), "
+            f"got {q.event_shape} and {p.event_shape}"
         )
     try:
         batch_shape = lax.broadcast_shapes(q.batch_shape, p.batch_shape)

@@ -53,7 +53,7 @@ def _select(x, idx, ndim_event):
     x = np.asarray(x)
     nb = x.ndim - ndim_event
     idx = idx[len(idx) - nb :] if nb else ()
-    idx = tuple(i if s > 1 else 0 for i, s in zip(idx, x.shape[:nb]))
+    idx = tuple(i if s > 1 else 0 for i, s in zip(idx, x.shape[:nb], strict=True))
     return x[idx]
 
 

@@ -109,6 +109,12 @@ def test_kl_all_pairs_match_dense(case, pair):
     np.testing.assert_allclose(kl, expected, rtol=RTOL)
 
 
+def _broadcast_index(idx, batch_shape):
+    """The element of a (right-aligned, broadcast) batch that ``idx`` of a larger batch sees."""
+    idx = idx[len(idx) - len(batch_shape) :]
+    return tuple(i if s > 1 else 0 for i, s in zip(idx, batch_shape, strict=True))
+
+
 def test_kl_terms_match_dense(case):
     """Each of Terms A–C against its dense definition, q and p with different dynamics."""
     _, q = _make(case, seed=0)
@@ -116,7 +122,7 @@ def test_kl_terms_match_dense(case):
     T, k = q.event_shape
     terms = kl_terms(q, p)
     for idx, (mq, Cq, _) in dense(q).items():
-        mp, Cp, _ = dense(p)[tuple(i if s > 1 else 0 for i, s in zip(idx, p.batch_shape))]
+        mp, Cp, _ = dense(p)[_broadcast_index(idx, p.batch_shape)]
         s1 = slice(0, k)
         term_a = ref.mvn_kl(mq[s1], Cq[s1, s1], mp[s1], Cp[s1, s1])
         term_b = ref.mvn_entropy(Cq[s1, s1]) - ref.mvn_entropy(Cq)
@@ -156,7 +162,7 @@ def test_term_c_nine_term_expansion_of_the_derivation():
     T, k = 5, 3
     q = random_posterior(rng, random_prior(rng, k, T), mask=True)
     p = random_prior(rng, k, T)
-    (mq, Cq, _), = dense(q).values()
+    ((mq, Cq, _),) = dense(q).values()
     m, S, C = ref.blocks(mq, Cq, T, k)
     total = 0.0
     for t in range(1, T):

@@ -12,7 +12,13 @@ from numpyro.distributions.kl import kl_divergence
 from helpers import random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
 
-PRIOR_FIELDS = ("initial_mean", "initial_cov", "transition_matrix", "transition_cov", "transition_offset")
+PRIOR_FIELDS = (
+    "initial_mean",
+    "initial_cov",
+    "transition_matrix",
+    "transition_cov",
+    "transition_offset",
+)
 
 
 def _sym(a):

@@ -32,7 +32,6 @@ def _dists():
 MASK = np.array([True, False, True])
 
 
-
 def _site(kind):
     """Model/guide bodies sampling 'z' in the way ``kind`` names."""
 
@@ -95,7 +94,9 @@ def test_svi_step_runs_under_jit_with_learned_potentials():
 
     def guide():
         y = numpyro.param("y_pot", jnp.zeros((T, k)))
-        var = numpyro.param("var", jnp.ones((T, k)), constraint=numpyro.distributions.constraints.positive)
+        var = numpyro.param(
+            "var", jnp.ones((T, k)), constraint=numpyro.distributions.constraints.positive
+        )
         numpyro.sample("z", LDSPosterior(prior, y, potential_var=var))
 
     schedule = lambda i: 0.05 * 0.01 ** (i / 1500)  # noqa: E731
