@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pytest
+from numpyro.distributions.kl import kl_divergence
 
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
 
@@ -188,8 +191,6 @@ def test_kl_rejects_mismatched_event_shapes():
 
 
 def test_kl_rejects_other_distributions():
-    import numpyro.distributions as dist
-
     with pytest.raises(TypeError, match="p must be a LinearGaussianStateSpace"):
         kl_terms(prior(), dist.Normal(0.0, 1.0))
 
@@ -203,3 +204,59 @@ def test_integer_arguments_are_promoted_to_float():
     d = prior(initial_mean=np.zeros(2, int), transition_matrix=np.eye(2, dtype=int))
     assert jnp.issubdtype(d.transition_matrix.dtype, jnp.floating)
     assert jnp.isfinite(d.entropy())
+
+
+def test_mixed_precision_is_promoted_and_potentials_follow_the_prior():
+    d = prior(
+        initial_mean=np.zeros(2, np.float32), transition_cov=0.1 * np.eye(2, dtype=np.float64)
+    )
+    assert d.initial_mean.dtype == d.transition_cov.dtype == jnp.float64
+    p32 = prior(
+        **{
+            k: np.asarray(v, np.float32)
+            for k, v in dict(
+                initial_mean=np.zeros(2),
+                initial_cov=I2,
+                transition_matrix=0.9 * I2,
+                transition_cov=0.1 * I2,
+            ).items()
+        }
+    )
+    q = LDSPosterior(p32, np.zeros((4, 2)), potential_var=np.ones((4, 2)))
+    assert q.potential_mean.dtype == q.potential_var.dtype == jnp.float32
+    assert q.mean.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_potentials_without_validation_give_nan_not_a_number(bad):
+    y = np.zeros((4, 2))
+    y[2, 1] = bad
+    q = posterior(potential_mean=y, validate_args=False)
+    assert not np.isfinite(float(kl_divergence(q, q.prior)))
+
+
+def test_masked_steps_ignore_non_finite_placeholders():
+    """A masked step's potential is never used: NaN there changes nothing, gradients included."""
+    y = np.zeros((4, 2))
+    var = np.ones((4, 2))
+    mask = np.array([True, True, False, True])
+    y_nan, var_nan = y.copy(), var.copy()
+    y_nan[2], var_nan[2] = np.nan, -1.0
+
+    def kl(y, var):
+        q = posterior(potential_mean=y, potential_var=var, mask=mask, validate_args=False)
+        return kl_divergence(q, q.prior)
+
+    np.testing.assert_allclose(kl(y_nan, var_nan), kl(y, var), rtol=1e-12)
+    g = jax.grad(kl, argnums=(0, 1))(jnp.asarray(y_nan), jnp.asarray(var_nan))
+    assert all(np.all(np.isfinite(x)) for x in g)
+
+
+def test_non_pd_covariance_under_jit_gives_nan():
+    """Under jit NumPyro cannot check values; a non-PD covariance yields NaN, never a number."""
+
+    def kl(c):
+        d = prior(initial_cov=c, validate_args=True)
+        return kl_divergence(d, prior())
+
+    assert np.isnan(float(jax.jit(kl)(-jnp.eye(2))))
