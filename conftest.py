@@ -14,10 +14,3 @@ def _free_compiled_code():
     """
     yield
     jax.clear_caches()
-
-
-@pytest.fixture
-def rng():
-    import numpy as np
-
-    return np.random.default_rng(0)

@@ -101,14 +101,6 @@ PRIOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "kw,err,msg", [c[1:] for c in PRIOR_CASES], ids=[c[0] for c in PRIOR_CASES]
-)
-def test_prior_rejects(kw, err, msg):
-    with pytest.raises(err, match=msg):
-        prior(**kw)
-
-
 POSTERIOR_CASES = [
     (
         "both_covs",
@@ -177,12 +169,17 @@ POSTERIOR_CASES = [
 ]
 
 
+CASES = [(prior, *c) for c in PRIOR_CASES] + [(posterior, *c) for c in POSTERIOR_CASES]
+
+
 @pytest.mark.parametrize(
-    "kw,err,msg", [c[1:] for c in POSTERIOR_CASES], ids=[c[0] for c in POSTERIOR_CASES]
+    "build,kw,err,msg",
+    [(b, *c[1:]) for b, *c in CASES],
+    ids=[f"{b.__name__}-{c[0]}" for b, *c in CASES],
 )
-def test_posterior_rejects(kw, err, msg):
+def test_rejects(build, kw, err, msg):
     with pytest.raises(err, match=msg):
-        posterior(**kw)
+        build(**kw)
 
 
 def test_kl_rejects_mismatched_event_shapes():
