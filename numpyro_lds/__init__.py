@@ -1,8 +1,15 @@
 """numpyro_lds: LDS priors, structured Gauss–Markov guides and their exact KL for NumPyro."""
 
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
+from numpyro_lds.guides import AutoLDSGuide
 from numpyro_lds.kl import KLTerms, kl_terms
 
 __version__ = "0.1.0"
 
-__all__ = ["KLTerms", "LDSPosterior", "LinearGaussianStateSpace", "kl_terms"]
+__all__ = [
+    "AutoLDSGuide",
+    "KLTerms",
+    "LDSPosterior",
+    "LinearGaussianStateSpace",
+    "kl_terms",
+]
