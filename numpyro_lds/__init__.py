@@ -1,5 +1,6 @@
 """numpyro_lds: LDS priors, structured Gauss–Markov guides and their exact KL for NumPyro."""
 
+from numpyro_lds.diagnostics import pareto_k, to_inference_data
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
 from numpyro_lds.guides import AutoLDSGuide
 from numpyro_lds.kl import KLTerms, kl_terms
@@ -12,4 +13,6 @@ __all__ = [
     "LDSPosterior",
     "LinearGaussianStateSpace",
     "kl_terms",
+    "pareto_k",
+    "to_inference_data",
 ]
