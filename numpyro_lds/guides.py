@@ -17,6 +17,7 @@ from numpyro.distributions.distribution import (
     MaskedDistribution,
 )
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
+from numpyro.infer.initialization import init_to_median
 
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
 
@@ -68,8 +69,12 @@ class AutoLDSGuide(AutoGuide):
       encoder: optional callable ``encoder(*args, **kwargs) -> {site: (potential_mean,
         potential_var)}`` called inside the guide (register its networks there, e.g. with
         ``numpyro.contrib.module.flax_module``). Shapes: the site's ``batch_shape + [T, k]``.
+      init_loc_fn: initialization strategy (as for NumPyro's autoguides): the initial
+        potential means at LDS sites and the initial locations of other sites. The default,
+        ``init_to_median``, starts the potentials at the prior's median trajectory;
+        ``init_to_value(values={site: z0})`` starts them at ``z0``.
       init_scale: initial standard deviation of the free potentials; large values start the
-        guide at the prior. Also the ``init_scale`` of the ``AutoNormal`` for other sites.
+        guide near the prior. The ``AutoNormal`` for other sites uses at most 0.1.
       prefix: prefix of the guide's parameter names.
 
     Raises:
@@ -95,12 +100,14 @@ class AutoLDSGuide(AutoGuide):
       (20, 1)
     """
 
-    def __init__(self, model, *, encoder=None, init_scale=10.0, prefix="auto"):
+    def __init__(
+        self, model, *, encoder=None, init_loc_fn=init_to_median, init_scale=10.0, prefix="auto"
+    ):
         self.encoder = encoder
         self._init_scale = init_scale
         self._lds_sites: dict = {}
         self._other = None
-        super().__init__(model, prefix=prefix)
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -124,6 +131,7 @@ class AutoLDSGuide(AutoGuide):
             self._other = AutoNormal(
                 handlers.block(self.model, hide=list(self._lds_sites)),
                 prefix=self.prefix,
+                init_loc_fn=self.init_loc_fn,
                 init_scale=min(self._init_scale, 0.1),
             )
 
@@ -142,7 +150,8 @@ class AutoLDSGuide(AutoGuide):
         if encoded is not None:
             return encoded[name]
         shape = prior.batch_shape + prior.event_shape
-        mean = numpyro.param(f"{name}_{self.prefix}_potential_mean", jnp.zeros(shape))
+        init_mean = jnp.broadcast_to(self._init_locs[name], shape)
+        mean = numpyro.param(f"{name}_{self.prefix}_potential_mean", init_mean)
         var = numpyro.param(
             f"{name}_{self.prefix}_potential_var",
             jnp.full(shape, self._init_scale**2),

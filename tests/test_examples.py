@@ -13,10 +13,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = [
     ("quickstart.py", ["--num-steps", "20"]),
+    (
+        "lds_tracking.py",
+        ["--num-timesteps", "15", "--num-steps", "20", "--nuts-timesteps", "5"]
+        + ["--num-warmup", "20", "--num-samples", "20"],
+    ),
+    ("svae.py", ["--num-sequences", "2", "--num-timesteps", "6", "--num-steps", "5"]),
+    ("svae.py", ["--num-sequences", "2", "--num-timesteps", "6", "--num-steps", "5", "--mc-kl"]),
 ]
 
 
-@pytest.mark.parametrize("script,args", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+@pytest.mark.parametrize(
+    "script,args", EXAMPLES, ids=[e[0] + ("-mc-kl" if "--mc-kl" in e[1] else "") for e in EXAMPLES]
+)
 def test_example_runs(script, args, tmp_path):
     out = tmp_path / "figure.png"
     env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
