@@ -111,9 +111,13 @@ def pareto_k(model, guide, params, *model_args, rng_key, num_samples, **model_kw
       expectations, and consider a richer guide or more optimization.
 
     Args:
-      model, guide, params, *model_args, **model_kwargs: as for :func:`to_inference_data`.
+      model: the NumPyro model.
+      guide: the fitted guide.
+      params: the fitted parameters.
+      *model_args: the model's positional arguments.
       rng_key: a JAX PRNG key.
       num_samples: number of guide draws (hundreds to thousands).
+      **model_kwargs: the model's keyword arguments.
 
     Returns:
       :math:`\hat k`, a float.
