@@ -1,0 +1,224 @@
+"""Side-by-side CPU/GPU timings: numpyro_lds vs dynamax and TFP-on-JAX, in one run.
+
+numpyro_lds: the KL value, the KL value + gradient (w.r.t. the potentials), and one
+posterior sample. Peers (optional extra ``bench``; skipped with a message if missing):
+dynamax's sequential ``lgssm_smoother`` (and, with ``--dynamax-parallel``, its parallel
+smoother, which hangs at T = 10 000 on a 2-core CPU) and TFP's ``posterior_marginals``.
+Each function is jitted; compile time (lowering + XLA compilation) is reported apart from
+the steady state, the median of ``--repeats`` calls after a warm-up call. Reported: ns per
+sequence-step, the ratio to dynamax's sequential smoother, and XLA's memory estimate
+(arguments + outputs + temporaries of the compiled function) as peak memory.
+
+    python benchmarks/bench_kl.py --T 100 1000 10000 --k 4 16 --batch 1 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions.kl import kl_divergence
+
+from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
+
+
+def problem(T, k, batch, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    A = 0.95 * np.linalg.qr(rng.normal(size=(k, k)))[0]
+    return dict(
+        A=jnp.asarray(A, dtype),
+        Q=jnp.asarray(0.1 * np.eye(k), dtype),
+        m0=jnp.zeros(k, dtype),
+        P0=jnp.eye(k, dtype=dtype),
+        y=jnp.asarray(rng.normal(size=(batch, T, k)), dtype),
+        var=jnp.asarray(rng.uniform(0.5, 2.0, size=(batch, T, k)), dtype),
+    )
+
+
+def ours(p):
+    T = p["y"].shape[1]
+    prior = LinearGaussianStateSpace(
+        p["m0"], p["P0"], p["A"], p["Q"], num_steps=T, validate_args=False
+    )
+
+    def kl(y, var):
+        return jnp.sum(
+            kl_divergence(LDSPosterior(prior, y, potential_var=var, validate_args=False), prior)
+        )
+
+    def sample(y, var):
+        return LDSPosterior(prior, y, potential_var=var, validate_args=False).sample(
+            jax.random.key(0)
+        )
+
+    return {
+        "numpyro_lds KL": (kl, (p["y"], p["var"])),
+        "numpyro_lds KL+grad": (jax.value_and_grad(kl, argnums=(0, 1)), (p["y"], p["var"])),
+        "numpyro_lds sample": (sample, (p["y"], p["var"])),
+    }
+
+
+def dynamax_fns(p, parallel):
+    try:
+        from dynamax.linear_gaussian_ssm import LinearGaussianSSM, lgssm_smoother
+        from dynamax.linear_gaussian_ssm.parallel_inference import lgssm_smoother as par_smoother
+    except Exception as e:  # noqa: BLE001 - any import failure means "skip this peer"
+        print(f"skipping dynamax: {type(e).__name__}: {e}")
+        return {}
+    k = p["m0"].shape[0]
+    model = LinearGaussianSSM(state_dim=k, emission_dim=k)
+    params, _ = model.initialize(
+        jax.random.key(0),
+        initial_mean=p["m0"],
+        initial_covariance=p["P0"],
+        dynamics_weights=p["A"],
+        dynamics_covariance=p["Q"],
+        emission_weights=jnp.eye(k, dtype=p["A"].dtype),
+        emission_covariance=jnp.eye(k, dtype=p["A"].dtype),
+    )
+
+    def seq(y, var):
+        return jax.vmap(lambda yy: lgssm_smoother(params, yy).smoothed_means)(y)
+
+    out = {"dynamax smoother (sequential)": (seq, (p["y"], p["var"]))}
+    if parallel:
+
+        def par(y, var):
+            return jax.vmap(lambda yy: par_smoother(params, yy).smoothed_means)(y)
+
+        out["dynamax smoother (parallel)"] = (par, (p["y"], p["var"]))
+    return out
+
+
+def tfp_fns(p):
+    try:
+        import tensorflow_probability.substrates.jax as tfp
+    except Exception as e:  # noqa: BLE001
+        print(f"skipping TFP: {type(e).__name__}: {e}")
+        return {}
+    tfd = tfp.distributions
+    T = p["y"].shape[1]
+    k = p["m0"].shape[0]
+
+    def marginals(y, var):
+        lgssm = tfd.LinearGaussianStateSpaceModel(
+            num_timesteps=T,
+            transition_matrix=tfp.tf2jax.linalg.LinearOperatorFullMatrix(p["A"]),
+            transition_noise=tfd.MultivariateNormalTriL(scale_tril=jnp.linalg.cholesky(p["Q"])),
+            observation_matrix=tfp.tf2jax.linalg.LinearOperatorIdentity(k, dtype=p["A"].dtype),
+            observation_noise=tfd.MultivariateNormalDiag(scale_diag=jnp.ones(k, p["A"].dtype)),
+            initial_state_prior=tfd.MultivariateNormalTriL(p["m0"], jnp.linalg.cholesky(p["P0"])),
+        )
+        return lgssm.posterior_marginals(y)[0]
+
+    return {"TFP posterior_marginals": (marginals, (p["y"], p["var"]))}
+
+
+def measure(fn, args, repeats):
+    """(compile seconds, steady-state median seconds, XLA memory estimate in bytes)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = None
+    if mem is not None:
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(times), peak
+
+
+def main(args):
+    if "float64" in args.dtype:
+        jax.config.update("jax_enable_x64", True)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}, device {device.device_kind} ({device.platform})")
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = jnp.dtype(dtype_name)
+        for batch in args.batch:
+            for k in args.k:
+                for T in args.T:
+                    p = problem(T, k, batch, dtype)
+                    fns = {**ours(p), **dynamax_fns(p, args.dynamax_parallel), **tfp_fns(p)}
+                    base = None
+                    for name, (fn, fargs) in fns.items():
+                        compile_s, med, peak = measure(fn, fargs, args.repeats)
+                        if name.startswith("dynamax smoother (sequential)"):
+                            base = med
+                        rows.append(
+                            dict(
+                                method=name,
+                                dtype=dtype_name,
+                                batch=batch,
+                                k=k,
+                                T=T,
+                                compile_s=round(compile_s, 3),
+                                median_ms=round(med * 1e3, 3),
+                                ns_per_step=round(med / (T * batch) * 1e9, 1),
+                                peak_mb=None if peak is None else round(peak / 2**20, 1),
+                            )
+                        )
+                        print(
+                            f"{dtype_name} B={batch} k={k} T={T} {name:32s} "
+                            f"compile {compile_s:6.2f}s  median {med * 1e3:9.2f} ms  "
+                            f"{med / (T * batch) * 1e9:9.0f} ns/step",
+                            flush=True,
+                        )
+                    for r in rows[-len(fns) :]:
+                        ratio = None if base is None else r["median_ms"] / (base * 1e3)
+                        r["ratio_to_dynamax_seq"] = None if ratio is None else round(ratio, 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0].keys())
+    with open(out / "bench_kl.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "bench_kl.md", "w") as f:
+        f.write(f"jax {jax.__version__}, {device.device_kind} ({device.platform})\n\n")
+        f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
+        for r in rows:
+            f.write("| " + " | ".join(str(r.get(c)) for c in fields) + " |\n")
+    try:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for name in dict.fromkeys(r["method"] for r in rows):
+            for k in args.k:
+                pts = [
+                    (r["T"], r["median_ms"]) for r in rows if r["method"] == name and r["k"] == k
+                ]
+                if pts:
+                    ax.loglog(*zip(*pts, strict=True), "o-", label=f"{name}, k={k}")
+        ax.set_xlabel("T")
+        ax.set_ylabel("median time (ms)")
+        ax.legend(fontsize=7)
+        fig.savefig(out / "bench_kl.png", dpi=100)
+    except ImportError:
+        pass
+    print(f"wrote {out}/bench_kl.csv, .md, .png")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--T", type=int, nargs="+", default=[100, 1_000, 10_000, 100_000])
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 16, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dynamax-parallel", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results")
+    main(ap.parse_args())
