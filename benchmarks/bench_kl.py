@@ -138,7 +138,31 @@ def measure(fn, args, repeats):
     return compile_s, statistics.median(times), peak
 
 
+def plot(rows, out):
+    """Log-log plot of median time vs T, one line per method and k."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        for k in sorted({int(r["k"]) for r in rows}):
+            pts = [
+                (int(r["T"]), float(r["median_ms"]))
+                for r in rows
+                if r["method"] == name and int(r["k"]) == k
+            ]
+            if pts:
+                ax.loglog(*zip(*pts, strict=True), "o-", label=f"{name}, k={k}")
+    ax.set_xlabel("T")
+    ax.set_ylabel("median time (ms)")
+    ax.legend(fontsize=7)
+    fig.savefig(Path(out) / "bench_kl.png", dpi=100)
+
+
 def main(args):
+    if args.plot_only:
+        with open(Path(args.out) / "bench_kl.csv") as f:
+            plot(list(csv.DictReader(f)), args.out)
+        return
     if "float64" in args.dtype:
         jax.config.update("jax_enable_x64", True)
     device = jax.devices()[0]
@@ -190,23 +214,7 @@ def main(args):
         f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
         for r in rows:
             f.write("| " + " | ".join(str(r.get(c)) for c in fields) + " |\n")
-    try:
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for name in dict.fromkeys(r["method"] for r in rows):
-            for k in args.k:
-                pts = [
-                    (r["T"], r["median_ms"]) for r in rows if r["method"] == name and r["k"] == k
-                ]
-                if pts:
-                    ax.loglog(*zip(*pts, strict=True), "o-", label=f"{name}, k={k}")
-        ax.set_xlabel("T")
-        ax.set_ylabel("median time (ms)")
-        ax.legend(fontsize=7)
-        fig.savefig(out / "bench_kl.png", dpi=100)
-    except ImportError:
-        pass
+    plot(rows, out)
     print(f"wrote {out}/bench_kl.csv, .md, .png")
 
 
@@ -221,4 +229,5 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dynamax-parallel", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
     main(ap.parse_args())
