@@ -24,6 +24,10 @@ def _model_trace(model, params, args, kwargs):
     return handlers.trace(seeded).get_trace(*args, **kwargs)
 
 
+def _latent_names(trace):
+    return [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+
+
 def _latent_draws(guide, params, rng_key, num_samples, args, kwargs, latent_names):
     draws = Predictive(guide, params=params, num_samples=num_samples)(rng_key, *args, **kwargs)
     return {k: v for k, v in draws.items() if k in latent_names}
@@ -55,7 +59,7 @@ def to_inference_data(
     import arviz as az
 
     trace = _model_trace(model, params, model_args, model_kwargs)
-    latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    latent = _latent_names(trace)
     observed = {
         n: s["value"] for n, s in trace.items() if s["type"] == "sample" and s["is_observed"]
     }
@@ -129,7 +133,7 @@ def pareto_k(model, guide, params, *model_args, rng_key, num_samples, **model_kw
     import arviz as az
 
     trace = _model_trace(model, params, model_args, model_kwargs)
-    latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    latent = _latent_names(trace)
     draws = _latent_draws(guide, params, rng_key, num_samples, model_args, model_kwargs, latent)
 
     def log_ratio(z):

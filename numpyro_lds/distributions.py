@@ -265,6 +265,23 @@ class _ChainDistribution(Distribution):
         """Lag-one cross-covariances ``Cov(z_{t+1}, z_t)``, shape ``batch_shape + [T-1, k, k]``."""
         return self._moments().cross_covs
 
+    def expand(self, batch_shape):
+        """Same distribution with a larger batch shape; parameters broadcast lazily.
+
+        Every computation broadcasts the parameters to ``batch_shape``, so only the shape
+        is recorded; nothing is copied.
+        """
+        batch_shape = tuple(batch_shape)
+        try:
+            new = lax.broadcast_shapes(batch_shape, self.batch_shape)
+        except ValueError:
+            new = None
+        if new != batch_shape:
+            raise ValueError(f"cannot expand batch shape {self.batch_shape} to {batch_shape}")
+        out = jax.tree.map(lambda x: x, self)
+        out._batch_shape = batch_shape
+        return out
+
     def entropy(self):
         """Joint entropy of the trajectory, shape ``batch_shape``."""
         return self._map(type(self)._single_entropy)
@@ -436,19 +453,6 @@ class LinearGaussianStateSpace(_ChainDistribution):
         )
         return shapes.batch_shape, (shapes.num_steps, shapes.state_dim)
 
-    def expand(self, batch_shape):
-        """Same distribution with a larger batch shape; parameters broadcast lazily."""
-        batch_shape = tuple(batch_shape)
-        try:
-            new = lax.broadcast_shapes(batch_shape, self.batch_shape)
-        except ValueError:
-            new = None
-        if new != batch_shape:
-            raise ValueError(f"cannot expand batch shape {self.batch_shape} to {batch_shape}")
-        out = jax.tree.map(lambda x: x, self)
-        out._batch_shape = batch_shape
-        return out
-
     def _core_args(self):
         chain = GaussMarkovChain(
             self.initial_mean,
@@ -601,11 +605,9 @@ class LDSPosterior(_ChainDistribution):
         return shapes.batch_shape, (T, k)
 
     def expand(self, batch_shape):
-        """Same distribution with a larger batch shape; parameters broadcast lazily."""
-        batch_shape = tuple(batch_shape)
-        out = jax.tree.map(lambda x: x, self)
-        out.prior = self.prior.expand(batch_shape)
-        out._batch_shape = batch_shape
+        """Same distribution with a larger batch shape; the prior is expanded with it."""
+        out = super().expand(batch_shape)
+        out.prior = self.prior.expand(out.batch_shape)
         return out
 
     def _potentials(self):
@@ -734,16 +736,19 @@ def _promote_batch_shape_lgss(d: LinearGaussianStateSpace):
 @promote_batch_shape.register
 def _promote_batch_shape_lds_posterior(d: LDSPosterior):
     prior = promote_batch_shape(d.prior)
-    pot = d._potentials()
-    batch = lax.broadcast_shapes(
-        d.batch_shape,
+    shape = lambda x: None if x is None else x.shape  # noqa: E731
+    T, k = d.event_shape
+    shapes = _posterior_shapes(
         prior.batch_shape,
-        pot.mean.shape[:-2],
-        pot.cov.shape[:-3],
-        pot.emission_matrix.shape[:-3],
-        pot.mask.shape[:-1],
+        T,
+        k,
+        d.potential_mean.shape,
+        shape(d.potential_cov),
+        shape(d.potential_var),
+        shape(d.emission_matrix),
+        shape(d.potential_mask),
     )
     new = copy.copy(d)
     new.prior = prior
-    new._batch_shape = batch
+    new._batch_shape = lax.broadcast_shapes(shapes.batch_shape, d.batch_shape)
     return new

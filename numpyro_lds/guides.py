@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 
 import jax
@@ -190,7 +191,7 @@ class AutoLDSGuide(AutoGuide):
 
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
         """Joint draws of every latent site, each of shape ``sample_shape + site shape``."""
-        n = max(1, int(jnp.prod(jnp.asarray(sample_shape))))
+        n = math.prod(sample_shape)
 
         def one(key):
             guide = handlers.substitute(handlers.seed(self, rng_seed=key), data=params)

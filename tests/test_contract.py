@@ -123,9 +123,13 @@ def test_expand(d):
     np.testing.assert_allclose(
         e.log_prob(z[0]), jnp.broadcast_to(d.log_prob(z[0]), e.batch_shape), rtol=1e-10
     )
-    with pytest.raises(ValueError):
-        d.expand((7,) + d.batch_shape[:-1] + (11,)) if d.batch_shape else d.expand(())
-        raise ValueError("unbatched: nothing to contradict")
+    assert d.expand(d.batch_shape).batch_shape == d.batch_shape
+    if d.batch_shape:
+        # grow the first dimension that is not 1: no broadcasting reaches that shape
+        i = next(i for i, s in enumerate(d.batch_shape) if s > 1)
+        bad = d.batch_shape[:i] + (d.batch_shape[i] + 1,) + d.batch_shape[i + 1 :]
+        with pytest.raises(ValueError, match="cannot expand batch shape"):
+            d.expand(bad)
 
 
 def test_mask_and_to_event(d):
