@@ -43,7 +43,7 @@ def hard_problem(T, k=4, seed=0):
     return dict(A=A, Q=Qm, y=y, var=var, mask=mask, k=k, T=T)
 
 
-def build(prob, dtype):
+def build(prob, dtype, schedule=None):
     c = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     prior = LinearGaussianStateSpace(
         c(np.zeros(prob["k"])),
@@ -51,13 +51,14 @@ def build(prob, dtype):
         c(prob["A"]),
         c(prob["Q"]),
         num_steps=prob["T"],
+        schedule=schedule,
         validate_args=False,
     )
     return prior
 
 
-def run(prob, dtype):
-    prior = build(prob, dtype)
+def run(prob, dtype, schedule=None):
+    prior = build(prob, dtype, schedule)
 
     def kl_fn(y, var):
         q = LDSPosterior(
@@ -84,16 +85,17 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
-def compare(T):
-    """Float32 vs float64 metrics on ``hard_problem(T)``."""
+def compare(T, schedule=None):
+    """Float32 (``schedule``) vs float64 (sequential) metrics on ``hard_problem(T)``."""
     prob = hard_problem(T)
-    r32 = run(prob, jnp.float32)
-    r64 = run(prob, jnp.float64)
+    r32 = run(prob, jnp.float32, schedule)
+    r64 = run(prob, jnp.float64, "sequential")
     names = ("kl", "gy", "gv", "cov", "mean", "sample")
     cov = np.asarray(r32["cov"], np.float64)
     return dict(
         T=T,
         k=prob["k"],
+        schedule=schedule,
         finite={n: bool(np.all(np.isfinite(np.asarray(r32[n])))) for n in names},
         kl32=float(r32["kl"]),
         kl64=float(r64["kl"]),
@@ -110,8 +112,15 @@ def compare(T):
 
 
 def main(args):
-    r = compare(args.T)
-    print(f"T={r['T']} k={r['k']}  (jax {jax.__version__}, {jax.devices()[0].platform})")
+    for schedule in args.schedule:
+        report(compare(args.T, schedule))
+
+
+def report(r):
+    print(
+        f"T={r['T']} k={r['k']} float32 schedule={r['schedule']} vs float64 sequential "
+        f"(jax {jax.__version__}, {jax.devices()[0].platform})"
+    )
     print(f"finite (float32): {r['finite']}")
     print(f"KL float64 {r['kl64']:.6e}  float32 {r['kl32']:.6e}  rel err {r['kl_rel_err']:.2e}")
     print(f"grad rel err: d/dy {r['grad_y_rel_err']:.2e}  d/dvar {r['grad_var_rel_err']:.2e}")
@@ -128,4 +137,7 @@ def main(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--T", type=int, default=100_000)
+    p.add_argument(
+        "--schedule", nargs="+", default=["sequential", "blocked", "parallel"], help="float32 runs"
+    )
     main(p.parse_args())

@@ -48,12 +48,12 @@ def batch_map(fn, batch_shape, args, event_ndims):
     return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
 
 
-@partial(jax.jit, static_argnames=("fn", "batch_shape", "event_ndims", "num_steps"))
-def jit_batch_map(fn, batch_shape, args, event_ndims, num_steps):
-    """:func:`batch_map` of ``fn(*args, num_steps)``, compiled once per shape.
+@partial(jax.jit, static_argnames=("fn", "batch_shape", "event_ndims", "num_steps", "schedule"))
+def jit_batch_map(fn, batch_shape, args, event_ndims, num_steps, schedule):
+    """:func:`batch_map` of ``fn(*args, num_steps, schedule)``, compiled once per shape.
 
     ``fn`` must be hashable and stable (a module-level function or a classmethod), so that
     eager calls (``q.mean`` outside ``jit``) reuse the compiled scan instead of tracing anew.
     Inside an outer ``jit`` this is inlined.
     """
-    return batch_map(lambda *a: fn(*a, num_steps), batch_shape, args, event_ndims)
+    return batch_map(lambda *a: fn(*a, num_steps, schedule), batch_shape, args, event_ndims)

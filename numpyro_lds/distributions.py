@@ -23,8 +23,10 @@ from numpyro_lds.kalman import (
     chain_log_prob,
     chain_moments,
     chain_sample,
+    check_schedule,
     condition_on_potentials,
     expected_potential_log_prob,
+    resolve_schedule,
     reverse_moments,
 )
 
@@ -201,7 +203,9 @@ class _ChainDistribution(Distribution):
     """
 
     support = constraints.real_matrix
+    pytree_aux_fields = ("schedule",)
     _chain_reversed = False
+    schedule: str | None = None
 
     def get_args(self):
         return {k: v for k, v in super().get_args().items() if v is not None}
@@ -211,30 +215,36 @@ class _ChainDistribution(Distribution):
         raise NotImplementedError
 
     @classmethod
-    def _single_chain(cls, args, num_steps):
+    def _single_chain(cls, args, num_steps, schedule):
         raise NotImplementedError
 
     @classmethod
-    def _single_moments(cls, args, num_steps) -> Moments:
-        moments = chain_moments(cls._single_chain(args, num_steps), num_steps)
+    def _single_moments(cls, args, num_steps, schedule) -> Moments:
+        chain = cls._single_chain(args, num_steps, schedule)
+        moments = chain_moments(chain, num_steps, schedule)
         return reverse_moments(moments) if cls._chain_reversed else moments
 
     @classmethod
-    def _single_entropy(cls, args, num_steps):
-        return chain_entropy(cls._single_chain(args, num_steps), num_steps)
+    def _single_entropy(cls, args, num_steps, schedule):
+        return chain_entropy(cls._single_chain(args, num_steps, schedule), num_steps)
 
     @classmethod
-    def _single_sample(cls, args, eps, num_steps):
+    def _single_sample(cls, args, eps, num_steps, schedule):
         """Paths for standard normals ``eps [S, T, k]``."""
-        chain = cls._single_chain(args, num_steps)
+        chain = cls._single_chain(args, num_steps, schedule)
         if cls._chain_reversed:
-            return jax.vmap(lambda e: chain_sample(chain, e[::-1])[::-1])(eps)
-        return jax.vmap(lambda e: chain_sample(chain, e))(eps)
+            return jax.vmap(lambda e: chain_sample(chain, e[::-1], schedule)[::-1])(eps)
+        return jax.vmap(lambda e: chain_sample(chain, e, schedule))(eps)
+
+    def _resolved_schedule(self) -> str:
+        return resolve_schedule(self.schedule)
 
     def _map(self, fn):
-        """Apply single-sequence ``fn(args, num_steps)`` over the batch."""
+        """Apply single-sequence ``fn(args, num_steps, schedule)`` over the batch."""
         args, ndims = self._core_args()
-        return jit_batch_map(fn, self.batch_shape, (args,), (ndims,), self.num_steps)
+        return jit_batch_map(
+            fn, self.batch_shape, (args,), (ndims,), self.num_steps, self._resolved_schedule()
+        )
 
     def _moments(self) -> Moments:
         return self._map(type(self)._single_moments)
@@ -296,7 +306,12 @@ class _ChainDistribution(Distribution):
         n_s, n_b = len(sample_shape), len(self.batch_shape)
         eps = jnp.moveaxis(eps.reshape((-1,) + eps.shape[n_s:]), 0, n_b)
         z = jit_batch_map(
-            type(self)._single_sample, self.batch_shape, (args, eps), (ndims, 3), self.num_steps
+            type(self)._single_sample,
+            self.batch_shape,
+            (args, eps),
+            (ndims, 3),
+            self.num_steps,
+            self._resolved_schedule(),
         )
         z = jnp.moveaxis(z, n_b, 0)
         return z.reshape(sample_shape + z.shape[1:])
@@ -400,6 +415,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
         transition_offset=None,
         *,
         num_steps=None,
+        schedule=None,
         validate_args=None,
     ):
         args = {
@@ -431,6 +447,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
             if transition_offset is None
             else args["transition_offset"].reshape(shapes.offset)
         )
+        self.schedule = check_schedule(schedule)
         super().__init__(shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args)
 
     @staticmethod
@@ -464,7 +481,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
         return chain, _CHAIN_NDIMS
 
     @classmethod
-    def _single_chain(cls, args, num_steps):
+    def _single_chain(cls, args, num_steps, schedule):
         return args
 
 
@@ -549,6 +566,7 @@ class LDSPosterior(_ChainDistribution):
         potential_var=None,
         emission_matrix=None,
         mask=None,
+        schedule=None,
         validate_args=None,
     ):
         if not isinstance(prior, LinearGaussianStateSpace):
@@ -586,6 +604,7 @@ class LDSPosterior(_ChainDistribution):
             None if shapes.emission is None else arrays["emission_matrix"].reshape(shapes.emission)
         )
         self.potential_mask = mask
+        self.schedule = prior.schedule if schedule is None else check_schedule(schedule)
         super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
 
     @staticmethod
@@ -630,22 +649,22 @@ class LDSPosterior(_ChainDistribution):
         return (chain, self._potentials()), (chain_ndims, _POTENTIAL_NDIMS)
 
     @classmethod
-    def _single_posterior(cls, args, num_steps):
+    def _single_posterior(cls, args, num_steps, schedule):
         chain, potentials = args
-        return condition_on_potentials(chain, potentials)
+        return condition_on_potentials(chain, potentials, schedule)
 
     @classmethod
-    def _single_chain(cls, args, num_steps):
-        return cls._single_posterior(args, num_steps).backward_chain
+    def _single_chain(cls, args, num_steps, schedule):
+        return cls._single_posterior(args, num_steps, schedule).backward_chain
 
     @classmethod
-    def _single_log_normalizer(cls, args, num_steps):
-        return cls._single_posterior(args, num_steps).log_normalizer
+    def _single_log_normalizer(cls, args, num_steps, schedule):
+        return cls._single_posterior(args, num_steps, schedule).log_normalizer
 
     @classmethod
-    def _single_kl_to_prior(cls, args, num_steps):
-        post = cls._single_posterior(args, num_steps)
-        moments = reverse_moments(chain_moments(post.backward_chain, num_steps))
+    def _single_kl_to_prior(cls, args, num_steps, schedule):
+        post = cls._single_posterior(args, num_steps, schedule)
+        moments = reverse_moments(chain_moments(post.backward_chain, num_steps, schedule))
         return expected_potential_log_prob(moments, args[1]) - post.log_normalizer
 
     @property

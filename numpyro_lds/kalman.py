@@ -15,12 +15,26 @@ with ``F, c, S`` the ``transition_matrix``, ``transition_offset`` and ``transiti
 running forward in time; the smoothed posterior is such a chain running *backward* in
 time (Särkkä 2013, Thm 8.2: ``z_t | z_{t+1}, x_{1:T} ~ N(G_t z_{t+1} + h_t, L_t)``), so one
 set of functions (moments, log-density, sampling, entropy) serves both.
+
+The three recursions over time (filter, chain moments, sampling) take a ``schedule``:
+
+- ``"sequential"``: one ``lax.scan`` step per time step (Joseph-form Kalman updates).
+- ``"parallel"``: ``lax.associative_scan`` over per-step elements (Särkkä &
+  García-Fernández 2021), ``O(log T)`` depth: for GPUs and long sequences.
+- ``"blocked"``: the same associative elements combined in a two-level scan: ``≈√T``
+  blocks scanned side by side, then the block totals carried across blocks. ``O(√T)``
+  sequential steps of vectorized work, cheap to compile: for CPUs.
+
+All three compute the same quantities; one driver (:func:`prefix_scan`) serves every
+recursion, so each recursion is written once as an associative operator.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -28,22 +42,27 @@ from numpyro_lds.linalg import (
     cho_solve,
     cholesky,
     expected_mvn_log_prob,
+    logdet_from_chol,
     matmul,
     matvec,
     mvn_entropy,
     mvn_log_prob,
     quad_form,
+    solve_lower,
+    solve_lower_vec,
     symmetrize,
     transpose,
 )
 
 __all__ = [
+    "SCHEDULES",
     "FilterResult",
     "GaussMarkovChain",
     "Moments",
     "Posterior",
     "Potentials",
     "chain_entropy",
+    "check_schedule",
     "chain_log_prob",
     "chain_moments",
     "chain_sample",
@@ -51,6 +70,8 @@ __all__ = [
     "expected_potential_log_prob",
     "expected_transition_log_prob",
     "kalman_filter",
+    "prefix_scan",
+    "resolve_schedule",
     "reverse_moments",
     "smoother_chain",
 ]
@@ -100,6 +121,91 @@ class Posterior(NamedTuple):
     log_normalizer: jnp.ndarray
 
 
+SCHEDULES = ("sequential", "blocked", "parallel")
+
+
+def check_schedule(schedule):
+    """Return ``schedule`` if it is None or one of :data:`SCHEDULES`, else raise ValueError."""
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def resolve_schedule(schedule):
+    """The schedule to run: ``schedule`` itself, or the default for JAX's default backend.
+
+    The default is ``"sequential"`` on CPU and ``"parallel"`` on GPU/TPU, chosen by the
+    measurements in ``benchmarks/results/`` (README, "Speed").
+    """
+    if check_schedule(schedule) is not None:
+        return schedule
+    return "sequential" if jax.default_backend() == "cpu" else "parallel"
+
+
+def prefix_scan(op, elems, schedule):
+    """Inclusive prefix ``e_1, e_1∘e_2, …, e_1∘…∘e_n`` of an associative ``op``.
+
+    Args:
+      op: associative ``op(a, b)`` (``a`` earlier in time) on pytrees whose leaves carry
+        any leading batch axes.
+      elems: pytree of arrays with a leading axis of length ``n``.
+      schedule: ``"sequential"`` (one scan step per element), ``"parallel"``
+        (``lax.associative_scan``) or ``"blocked"`` (two-level scan, see module docs).
+
+    Returns:
+      The prefixes, with the structure and shapes of ``elems``.
+    """
+    if check_schedule(schedule) is None:
+        raise ValueError("prefix_scan needs an explicit schedule")
+    n = jax.tree.leaves(elems)[0].shape[0]
+    if schedule == "parallel":
+        return lax.associative_scan(op, elems)
+    if schedule == "blocked" and n >= 16:
+        return _blocked_prefix_scan(op, elems, n)
+
+    def step(carry, e):
+        carry = op(carry, e)
+        return carry, carry
+
+    first = jax.tree.map(lambda x: x[0], elems)
+    _, rest = lax.scan(step, first, jax.tree.map(lambda x: x[1:], elems))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+
+
+def _blocked_prefix_scan(op, elems, n):
+    num_blocks = math.isqrt(n)
+    size = -(-n // num_blocks)
+    pad = num_blocks * size - n
+
+    def to_blocks(x):
+        # Padded at the end with copies of a valid element: no prefix up to n includes them.
+        x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
+        return jnp.swapaxes(x.reshape((num_blocks, size) + x.shape[1:]), 0, 1)
+
+    tree = jax.tree
+    within = prefix_scan(op, tree.map(to_blocks, elems), "sequential")  # [size, blocks]
+    carried = prefix_scan(op, tree.map(lambda x: x[-1], within), "sequential")  # [blocks]
+    later = tree.map(lambda x: x[:, 1:], within)
+    before = tree.map(lambda c, w: jnp.broadcast_to(c[:-1], w.shape), carried, later)
+    first_block = tree.map(lambda x: x[:, :1], within)
+    out = tree.map(lambda a, b: jnp.concatenate([a, b], 1), first_block, op(before, later))
+    return tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])[:n], out)
+
+
+class _Affine(NamedTuple):
+    """``z ↦ N(F z + c, S)`` (``S`` None: deterministic), an associative-scan element."""
+
+    F: jnp.ndarray
+    c: jnp.ndarray
+    S: jnp.ndarray | None
+
+
+def _compose_affine(e1, e2):
+    """``e2 ∘ e1``: first ``e1``, then ``e2``."""
+    S = None if e1.S is None else quad_form(e2.F, e1.S) + e2.S
+    return _Affine(matmul(e2.F, e1.F), matvec(e2.F, e1.c) + e2.c, S)
+
+
 def _along_time(x, n):
     """Broadcast a leading time axis of length 1 (shared) to length ``n``."""
     return jnp.broadcast_to(x, (n,) + x.shape[1:])
@@ -114,19 +220,31 @@ def _transitions(chain, num_steps):
     )
 
 
-def chain_moments(chain: GaussMarkovChain, num_steps: int) -> Moments:
+def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential") -> Moments:
     """Marginal means, covariances and lag-one cross-covariances of a chain."""
-
-    def step(carry, x):
-        m, P = carry
-        F, c, S = x
-        m_next = matvec(F, m) + c
-        P_next = quad_form(F, P) + S
-        return (m_next, P_next), (m_next, P_next, matmul(F, P))
-
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    _, (ms, Ps, Cs) = lax.scan(step, (m0, P0), _transitions(chain, num_steps))
-    return Moments(jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]), Cs)
+    F, c, S = _transitions(chain, num_steps)
+    if schedule == "sequential":
+
+        def step(carry, x):
+            m, P = carry
+            F_t, c_t, S_t = x
+            m_next = matvec(F_t, m) + c_t
+            P_next = quad_form(F_t, P) + S_t
+            return (m_next, P_next), (m_next, P_next)
+
+        _, (ms, Ps) = lax.scan(step, (m0, P0), (F, c, S))
+        ms, Ps = jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps])
+    else:
+        # z_t = (e_t ∘ … ∘ e_1)(·), e_1 = N(m0, P0) and e_t = N(F_{t-1} z + c_{t-1}, S_{t-1}).
+        first = _Affine(jnp.zeros_like(P0), m0, P0)
+        marginals = prefix_scan(_compose_affine, _cat_first(first, _Affine(F, c, S)), schedule)
+        ms, Ps = marginals.c, marginals.S
+    return Moments(ms, Ps, matmul(F, Ps[:-1]))
+
+
+def _cat_first(first, rest):
+    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
 def reverse_moments(moments: Moments) -> Moments:
@@ -146,12 +264,16 @@ def chain_log_prob(chain: GaussMarkovChain, z):
     return lp + jnp.sum(lp_steps, -1)
 
 
-def chain_sample(chain: GaussMarkovChain, eps):
+def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
     """Reparametrized draw: maps standard normal ``eps [T, k]`` to a chain path ``[T, k]``."""
     num_steps = eps.shape[0]
     F, c, _ = _transitions(chain, num_steps)
     chol_S = _along_time(cholesky(chain.transition_cov), num_steps - 1)
     z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
+    if schedule != "sequential":
+        first = _Affine(jnp.zeros_like(chain.initial_cov), z0, None)
+        steps = _Affine(F, c + matvec(chol_S, eps[1:]), None)
+        return prefix_scan(_compose_affine, _cat_first(first, steps), schedule).c
 
     def step(z, x):
         F_t, c_t, L_t, e_t = x
@@ -168,7 +290,15 @@ def chain_entropy(chain: GaussMarkovChain, num_steps: int):
     return mvn_entropy(cholesky(chain.initial_cov)) + jnp.sum(_along_time(h_steps, num_steps - 1))
 
 
-def _condition(m, P, y, R, H, observed):
+class _Update(NamedTuple):
+    mean: jnp.ndarray
+    cov: jnp.ndarray
+    log_lik: jnp.ndarray  # log N(y; H m, S), 0 where unobserved
+    gain: jnp.ndarray  # K = P Hᵀ S⁻¹
+    chol_S: jnp.ndarray  # S = H P Hᵀ + R
+
+
+def _condition(m, P, y, R, H, observed) -> _Update:
     """Condition ``N(m, P)`` on ``N(y; H z, R)``: Kalman update in Joseph form."""
     k = m.shape[-1]
     Hm = matvec(H, m)
@@ -179,11 +309,84 @@ def _condition(m, P, y, R, H, observed):
     # Joseph form: a sum of two PSD terms, so P_new stays PSD under round-off.
     P_new = quad_form(I_KH, P) + quad_form(K, R)
     ll = mvn_log_prob(y, Hm, chol_S)
-    return (
-        jnp.where(observed, m_new, m),
-        jnp.where(observed, P_new, P),
+    o_vec, o_mat = observed[..., None], observed[..., None, None]
+    return _Update(
+        jnp.where(o_vec, m_new, m),
+        jnp.where(o_mat, P_new, P),
         jnp.where(observed, ll, 0.0),
+        jnp.where(o_mat, K, 0.0),
+        chol_S,
     )
+
+
+class _FilterElement(NamedTuple):
+    """``p(z_b | z_a, x) = N(A z_a + b, C)`` and ``log p(x | z_a) = −½zᵀJz + ηᵀz + log_c``.
+
+    The element of the parallel Kalman filter (Särkkä & García-Fernández 2021, Lemma 7),
+    with the log-normalizer carried along (``log_c``).
+    """
+
+    A: jnp.ndarray
+    b: jnp.ndarray
+    C: jnp.ndarray
+    J: jnp.ndarray
+    eta: jnp.ndarray
+    log_c: jnp.ndarray
+
+
+def _combine_filter(e1, e2):
+    """``e1`` then ``e2``; every inverse goes through ``M = I + Uᵀ J₂ U`` (``C₁ = U Uᵀ``).
+
+    ``M ⪰ I`` is always well conditioned, and ``W = U M⁻¹ Uᵀ = (I + C₁J₂)⁻¹C₁`` is formed
+    as ``XᵀX`` so it stays symmetric PSD in float32.
+    """
+    k = e1.b.shape[-1]
+    eye = jnp.eye(k, dtype=e1.b.dtype)
+    U = cholesky(e1.C)
+    chol_M = cholesky(eye + quad_form(transpose(U), e2.J))
+    X = solve_lower(chol_M, transpose(U))
+    W = matmul(transpose(X), X)
+    I_WJ = eye - matmul(W, e2.J)  # (I + C₁J₂)⁻¹
+    r = e2.eta - matvec(e2.J, e1.b)
+    Wr = matvec(W, r)
+    return _FilterElement(
+        A=matmul(e2.A, matmul(I_WJ, e1.A)),
+        b=matvec(e2.A, e1.b + Wr) + e2.b,
+        C=quad_form(e2.A, W) + e2.C,
+        J=quad_form(transpose(e1.A), e2.J - quad_form(e2.J, W)) + e1.J,
+        eta=matvec(transpose(e1.A), r - matvec(e2.J, Wr)) + e1.eta,
+        log_c=e1.log_c
+        + e2.log_c
+        - 0.5 * logdet_from_chol(chol_M)
+        + jnp.sum(e1.b * (e2.eta - 0.5 * matvec(e2.J, e1.b)), -1)
+        + 0.5 * jnp.sum(r * Wr, -1),
+    )
+
+
+def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
+    num_steps = y.shape[0]
+    k = chain.initial_mean.shape[-1]
+    F, c, S = _transitions(chain, num_steps)
+    m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
+    u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
+    # Step t ≥ 2, given z_{t-1}: the prediction N(F z + c, S) conditioned on potential t.
+    u = _condition(c, S, y[1:], R[1:], H[1:], mask[1:])
+    eye = jnp.eye(k, dtype=m0.dtype)
+    V = solve_lower(u.chol_S, matmul(H[1:], F))  # S^{-1/2} H F, so J = VᵀV is PSD
+    w = solve_lower_vec(u.chol_S, y[1:] - matvec(H[1:], c))
+    o_vec, o_mat = mask[1:, None], mask[1:, None, None]
+    steps = _FilterElement(
+        matmul(eye - matmul(u.gain, H[1:]), F),
+        u.mean,
+        u.cov,
+        jnp.where(o_mat, matmul(transpose(V), V), 0.0),
+        jnp.where(o_vec, matvec(transpose(V), w), 0.0),
+        u.log_lik,
+    )
+    zero = jnp.zeros((), m0.dtype)
+    first = _FilterElement(jnp.zeros_like(P0), u0.mean, u0.cov, jnp.zeros_like(P0), 0 * m0, zero)
+    first = first._replace(log_c=u0.log_lik)
+    return _cat_first(first, steps)
 
 
 def _masked_potentials(potentials: Potentials, num_steps: int):
@@ -199,25 +402,37 @@ def _masked_potentials(potentials: Potentials, num_steps: int):
     )
 
 
-def kalman_filter(chain: GaussMarkovChain, potentials: Potentials) -> FilterResult:
+def kalman_filter(
+    chain: GaussMarkovChain, potentials: Potentials, schedule="sequential"
+) -> FilterResult:
     """Kalman filter of a forward chain against Gaussian potentials (Särkkä 2013, Thm 4.3)."""
     num_steps = potentials.mean.shape[0]
     y, R, H, mask = _masked_potentials(potentials, num_steps)
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    mf0, Pf0, ll0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
+    cat = lambda a, b: jnp.concatenate([a[None], b])  # noqa: E731
+    if schedule != "sequential":
+        filtered = prefix_scan(_combine_filter, _filter_elements(chain, y, R, H, mask), schedule)
+        mf, Pf = filtered.b, filtered.C
+        F, c, S = _transitions(chain, num_steps)
+        mp = matvec(F, mf[:-1]) + c
+        Pp = quad_form(F, Pf[:-1]) + S
+        return FilterResult(cat(m0, mp), cat(P0, Pp), mf, Pf, filtered.log_c[-1])
+
+    u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
 
     def step(carry, x):
         m, P = carry
         F, c, S, y_t, R_t, H_t, o_t = x
         mp = matvec(F, m) + c
         Pp = quad_form(F, P) + S
-        mf, Pf, ll = _condition(mp, Pp, y_t, R_t, H_t, o_t)
-        return (mf, Pf), (mp, Pp, mf, Pf, ll)
+        u = _condition(mp, Pp, y_t, R_t, H_t, o_t)
+        return (u.mean, u.cov), (mp, Pp, u.mean, u.cov, u.log_lik)
 
     xs = _transitions(chain, num_steps) + (y[1:], R[1:], H[1:], mask[1:])
-    _, (mp, Pp, mf, Pf, ll) = lax.scan(step, (mf0, Pf0), xs)
-    cat = lambda a, b: jnp.concatenate([a[None], b])  # noqa: E731
-    return FilterResult(cat(m0, mp), cat(P0, Pp), cat(mf0, mf), cat(Pf0, Pf), ll0 + jnp.sum(ll))
+    _, (mp, Pp, mf, Pf, ll) = lax.scan(step, (u0.mean, u0.cov), xs)
+    return FilterResult(
+        cat(m0, mp), cat(P0, Pp), cat(u0.mean, mf), cat(u0.cov, Pf), u0.log_lik + jnp.sum(ll)
+    )
 
 
 def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovChain:
@@ -245,9 +460,11 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     )
 
 
-def condition_on_potentials(chain: GaussMarkovChain, potentials: Potentials) -> Posterior:
+def condition_on_potentials(
+    chain: GaussMarkovChain, potentials: Potentials, schedule="sequential"
+) -> Posterior:
     """Kalman filter + RTS backward kernels: the posterior chain and ``log ∫ p · Π φ_t``."""
-    filtered = kalman_filter(chain, potentials)
+    filtered = kalman_filter(chain, potentials, schedule)
     return Posterior(smoother_chain(chain, filtered), filtered.log_normalizer)
 
 

@@ -26,6 +26,7 @@ from numpyro_lds.kalman import (
     chain_entropy,
     chain_moments,
     expected_transition_log_prob,
+    resolve_schedule,
     reverse_moments,
 )
 from numpyro_lds.linalg import cholesky, expected_mvn_log_prob, mvn_entropy, mvn_kl
@@ -63,18 +64,18 @@ def _single_kl_terms_for(q_cls, p_cls):
     return _KL_FNS[key]
 
 
-def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps) -> KLTerms:
+def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps, schedule) -> KLTerms:
     """Terms A–C for one sequence. ``*_cls`` say how each chain is represented."""
-    q_chain = q_cls._single_chain(q_args, num_steps)
-    q_moments = chain_moments(q_chain, num_steps)
+    q_chain = q_cls._single_chain(q_args, num_steps, schedule)
+    q_moments = chain_moments(q_chain, num_steps, schedule)
     if q_cls._chain_reversed:
         q_moments = reverse_moments(q_moments)
     chol_q1 = cholesky(q_moments.covs[0])
 
-    p_chain = p_cls._single_chain(p_args, num_steps)
+    p_chain = p_cls._single_chain(p_args, num_steps, schedule)
     if p_cls._chain_reversed:
         # p runs backward: its marginal at t = 1 is the end of its own recursion.
-        p_rev = chain_moments(p_chain, num_steps)
+        p_rev = chain_moments(p_chain, num_steps, schedule)
         p1_mean, p1_cov = p_rev.means[-1], p_rev.covs[-1]
     else:
         p1_mean, p1_cov = p_chain.initial_mean, p_chain.initial_cov
@@ -149,6 +150,7 @@ def kl_terms(q: _ChainDistribution, p: _ChainDistribution) -> KLTerms:
         (q_args, p_args),
         (q_nd, p_nd),
         q.event_shape[0],
+        resolve_schedule(q.schedule if q.schedule is not None else p.schedule),
     )
 
 

@@ -79,12 +79,21 @@ def symmetrize(a):
 
 
 def matmul(a, b):
-    """Batched matrix product at highest precision."""
+    """Batched matrix product at highest precision.
+
+    Up to ``UNROLL_MAX_K`` inner dimensions it is a broadcast product and a sum, which XLA
+    fuses with the surrounding elementwise work: inside a scan over time a dot call per
+    small product costs more in dispatch than the arithmetic.
+    """
+    if a.shape[-1] <= UNROLL_MAX_K:
+        return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def matvec(a, x):
-    """Batched matrix-vector product ``a @ x`` at highest precision."""
+    """Batched matrix-vector product ``a @ x`` at highest precision (fused for small k)."""
+    if a.shape[-1] <= UNROLL_MAX_K:
+        return jnp.sum(a * x[..., None, :], axis=-1)
     return jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
 
 
