@@ -1,13 +1,18 @@
 """Side-by-side CPU/GPU timings: numpyro_lds vs dynamax and TFP-on-JAX, in one run.
 
-numpyro_lds: the KL value, the KL value + gradient (w.r.t. the potentials), and one
-posterior sample. Peers (optional extra ``bench``; skipped with a message if missing):
-dynamax's sequential ``lgssm_smoother`` (and, with ``--dynamax-parallel``, its parallel
-smoother, which hangs at T = 10 000 on a 2-core CPU) and TFP's ``posterior_marginals``.
+numpyro_lds, for each ``--schedule`` (sequential, blocked, parallel): the KL value, the
+KL value + gradient (w.r.t. the potentials), and one posterior sample. Peers (optional
+extra ``bench``; skipped with a message if missing): dynamax's sequential
+``lgssm_smoother`` and its parallel smoother (up to ``--dynamax-parallel-max-T``: on a
+2-core CPU it hangs at T = 10 000) and TFP's ``posterior_marginals``.
 Each function is jitted; compile time (lowering + XLA compilation) is reported apart from
 the steady state, the median of ``--repeats`` calls after a warm-up call. Reported: ns per
 sequence-step, the ratio to dynamax's sequential smoother, and XLA's memory estimate
 (arguments + outputs + temporaries of the compiled function) as peak memory.
+
+To keep a run bounded, a method is skipped (with a message) at a T where its time at the
+previous T, scaled linearly, exceeds ``--budget-s``, and a size is skipped where
+``T·batch·k²`` exceeds ``--max-elements`` (memory).
 
     python benchmarks/bench_kl.py --T 100 1000 10000 --k 4 16 --batch 1 --dtype float32
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -41,10 +47,10 @@ def problem(T, k, batch, dtype, seed=0):
     )
 
 
-def ours(p):
+def ours(p, schedule):
     T = p["y"].shape[1]
     prior = LinearGaussianStateSpace(
-        p["m0"], p["P0"], p["A"], p["Q"], num_steps=T, validate_args=False
+        p["m0"], p["P0"], p["A"], p["Q"], num_steps=T, schedule=schedule, validate_args=False
     )
 
     def kl(y, var):
@@ -57,10 +63,11 @@ def ours(p):
             jax.random.key(0)
         )
 
+    tag = f" [{schedule}]"
     return {
-        "numpyro_lds KL": (kl, (p["y"], p["var"])),
-        "numpyro_lds KL+grad": (jax.value_and_grad(kl, argnums=(0, 1)), (p["y"], p["var"])),
-        "numpyro_lds sample": (sample, (p["y"], p["var"])),
+        "numpyro_lds KL" + tag: (kl, (p["y"], p["var"])),
+        "numpyro_lds KL+grad" + tag: (jax.value_and_grad(kl, argnums=(0, 1)), (p["y"], p["var"])),
+        "numpyro_lds sample" + tag: (sample, (p["y"], p["var"])),
     }
 
 
@@ -139,23 +146,45 @@ def measure(fn, args, repeats):
 
 
 def plot(rows, out):
-    """Log-log plot of median time vs T, one line per method and k."""
+    """Log-log plots of median time vs T (float32): one panel per (batch, k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        for k in sorted({int(r["k"]) for r in rows}):
+    rows = [r for r in rows if r["dtype"] == "float32"]
+    batches = sorted({int(r["batch"]) for r in rows})
+    ks = sorted({int(r["k"]) for r in rows})
+    fig, axes = plt.subplots(
+        len(batches), len(ks), figsize=(4 * len(ks), 3.5 * len(batches)), squeeze=False
+    )
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for (i, b), (j, k) in itertools.product(enumerate(batches), enumerate(ks)):
+        ax = axes[i, j]
+        for m_idx, name in enumerate(methods):
             pts = [
                 (int(r["T"]), float(r["median_ms"]))
                 for r in rows
-                if r["method"] == name and int(r["k"]) == k
+                if r["method"] == name and int(r["k"]) == k and int(r["batch"]) == b
             ]
             if pts:
-                ax.loglog(*zip(*pts, strict=True), "o-", label=f"{name}, k={k}")
-    ax.set_xlabel("T")
-    ax.set_ylabel("median time (ms)")
-    ax.legend(fontsize=7)
-    fig.savefig(Path(out) / "bench_kl.png", dpi=100)
+                style = "--" if not name.startswith("numpyro_lds") else "-"
+                ax.loglog(
+                    *zip(*pts, strict=True),
+                    style,
+                    marker="o",
+                    ms=3,
+                    label=name,
+                    color=f"C{m_idx % 10}",
+                )
+        ax.set_title(f"batch {b}, k = {k}", fontsize=9)
+        ax.set_xlabel("T")
+        ax.set_ylabel("median time (ms)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(Path(out) / "bench_kl.png", dpi=90)
+    plt.close(fig)
 
 
 def main(args):
@@ -172,15 +201,28 @@ def main(args):
         dtype = jnp.dtype(dtype_name)
         for batch in args.batch:
             for k in args.k:
+                last = {}  # method -> (T, median seconds) at the previous T
                 for T in args.T:
+                    if T * batch * k * k > args.max_elements:
+                        print(f"skip {dtype_name} B={batch} k={k} T={T}: T·batch·k² too large")
+                        continue
                     p = problem(T, k, batch, dtype)
-                    fns = {**ours(p), **dynamax_fns(p, args.dynamax_parallel), **tfp_fns(p)}
-                    base = None
+                    fns = {}
+                    for schedule in args.schedule:
+                        fns.update(ours(p, schedule))
+                    parallel = T <= args.dynamax_parallel_max_T
+                    fns.update(dynamax_fns(p, parallel))
+                    fns.update(tfp_fns(p))
+                    base, new_rows = None, []
                     for name, (fn, fargs) in fns.items():
+                        if name in last and last[name][1] * T / last[name][0] > args.budget_s:
+                            print(f"skip {name} at T={T}: over the {args.budget_s} s budget")
+                            continue
                         compile_s, med, peak = measure(fn, fargs, args.repeats)
+                        last[name] = (T, med)
                         if name.startswith("dynamax smoother (sequential)"):
                             base = med
-                        rows.append(
+                        new_rows.append(
                             dict(
                                 method=name,
                                 dtype=dtype_name,
@@ -194,15 +236,22 @@ def main(args):
                             )
                         )
                         print(
-                            f"{dtype_name} B={batch} k={k} T={T} {name:32s} "
+                            f"{dtype_name} B={batch} k={k} T={T} {name:40s} "
                             f"compile {compile_s:6.2f}s  median {med * 1e3:9.2f} ms  "
                             f"{med / (T * batch) * 1e9:9.0f} ns/step",
                             flush=True,
                         )
-                    for r in rows[-len(fns) :]:
+                    for r in new_rows:
                         ratio = None if base is None else r["median_ms"] / (base * 1e3)
                         r["ratio_to_dynamax_seq"] = None if ratio is None else round(ratio, 3)
-    out = Path(args.out)
+                    rows += new_rows
+                    write(rows, args.out, device)
+    print(f"wrote {args.out}/bench_kl.csv, .md, .png")
+
+
+def write(rows, out, device):
+    """CSV, markdown table and plot of all rows so far (rewritten after every size)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0].keys())
     with open(out / "bench_kl.csv", "w", newline="") as f:
@@ -215,7 +264,6 @@ def main(args):
         for r in rows:
             f.write("| " + " | ".join(str(r.get(c)) for c in fields) + " |\n")
     plot(rows, out)
-    print(f"wrote {out}/bench_kl.csv, .md, .png")
 
 
 if __name__ == "__main__":
@@ -227,7 +275,12 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--dynamax-parallel", action="store_true")
+    ap.add_argument(
+        "--schedule", nargs="+", default=["sequential", "blocked", "parallel"], help="ours"
+    )
+    ap.add_argument("--dynamax-parallel-max-T", type=int, default=1_000)
+    ap.add_argument("--budget-s", type=float, default=10.0, help="per call, extrapolated")
+    ap.add_argument("--max-elements", type=float, default=1e8, help="T·batch·k² limit")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
     main(ap.parse_args())

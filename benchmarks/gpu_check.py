@@ -1,12 +1,13 @@
 """GPU check: correctness against a CPU float64 run, and timings of KL value + gradient.
 
 Run on a machine with a GPU (``python benchmarks/gpu_check.py``); prints one line per
-measurement and finishes in a few minutes. It checks that float32 and float64 results on
-the GPU match a float64 run on the CPU (the same code), then times the KL value + gradient
-(w.r.t. the potentials) with ``jit``: compile time separately, then the median of repeats.
-Sizes run in increasing T and stop growing once one run takes longer than ``--budget``.
-
-Only the sequential formulation exists so far; the parallel-in-time option is future work.
+measurement and stops starting new work after ``--deadline`` seconds (default 270, so the
+whole run stays under 5 minutes). It checks that the GPU results of both schedules
+(sequential and parallel-in-time), in float32 and float64, match a float64 sequential run
+on the CPU (the same code), then times the KL value + gradient (w.r.t. the potentials)
+with ``jit``: compile time separately, then the median of repeats, and the device's peak
+memory. Sizes run in increasing T per (schedule, k) and stop growing once one run takes
+longer than ``--budget``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def problem(T, k, seed=0):
     return A, y, var, mask
 
 
-def kl_value_and_grad(T, k, dtype, device):
+def kl_value_and_grad(T, k, dtype, device, schedule):
     A, y, var, mask = problem(T, k)
     put = lambda x: jax.device_put(jnp.asarray(x, dtype), device)  # noqa: E731
     prior = LinearGaussianStateSpace(
@@ -44,6 +45,7 @@ def kl_value_and_grad(T, k, dtype, device):
         put(A),
         put(0.1 * np.eye(k)),
         num_steps=T,
+        schedule=schedule,
         validate_args=False,
     )
     mask = jax.device_put(jnp.asarray(mask), device)
@@ -74,35 +76,45 @@ def rel(a, b):
 
 
 def main(args):
+    start = time.perf_counter()
     gpu = jax.devices()[0]
     cpu = jax.devices("cpu")[0]
     print(f"jax {jax.__version__}; device: {gpu.device_kind} ({gpu.platform})", flush=True)
-    # correctness: GPU float32 / float64 vs CPU float64, same code
+    # correctness: GPU (each schedule, float32 and float64) vs CPU float64 sequential
     for k in args.k:
-        f_ref, a_ref = kl_value_and_grad(args.check_T, k, jnp.float64, cpu)
+        f_ref, a_ref = kl_value_and_grad(args.check_T, k, jnp.float64, cpu, "sequential")
         ref_kl, (ref_gy, ref_gv) = f_ref(*a_ref)
-        for dtype in (jnp.float64, jnp.float32):
-            f, a = kl_value_and_grad(args.check_T, k, dtype, gpu)
-            kl, (gy, gv) = f(*a)
-            print(
-                f"check T={args.check_T} k={k} {jnp.dtype(dtype).name}: KL rel err "
-                f"{rel(kl, ref_kl):.1e}, grad rel err {rel(gy, ref_gy):.1e} / "
-                f"{rel(gv, ref_gv):.1e}, "
-                f"finite {bool(np.isfinite(kl) and np.all(np.isfinite(gy)))}",
-                flush=True,
-            )
+        for schedule in args.schedule:
+            for dtype in (jnp.float32, jnp.float64):
+                f, a = kl_value_and_grad(args.check_T, k, dtype, gpu, schedule)
+                kl, (gy, gv) = f(*a)
+                print(
+                    f"check T={args.check_T} k={k} {schedule} {jnp.dtype(dtype).name}: "
+                    f"KL rel err {rel(kl, ref_kl):.1e}, grad rel err {rel(gy, ref_gy):.1e} / "
+                    f"{rel(gv, ref_gv):.1e}, "
+                    f"finite {bool(np.isfinite(kl) and np.all(np.isfinite(gy)))}",
+                    flush=True,
+                )
     # timings, float32
     for k in args.k:
-        for T in args.T:
-            f, a = kl_value_and_grad(T, k, jnp.float32, gpu)
-            compile_s, med = timed(f, a, args.repeats)
-            print(
-                f"time T={T} k={k} float32 sequential: compile {compile_s:.2f}s, "
-                f"median {med * 1e3:.1f} ms, {med / T * 1e9:.0f} ns/step",
-                flush=True,
-            )
-            if med > args.budget:
-                break
+        for schedule in args.schedule:
+            for T in args.T:
+                if time.perf_counter() - start > args.deadline:
+                    print(f"skip T={T} k={k} {schedule}: past the {args.deadline} s deadline")
+                    continue
+                f, a = kl_value_and_grad(T, k, jnp.float32, gpu, schedule)
+                compile_s, med = timed(f, a, args.repeats)
+                stats = gpu.memory_stats() or {}
+                peak = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+                print(
+                    f"time T={T} k={k} float32 {schedule}: compile {compile_s:.2f}s, "
+                    f"median {med * 1e3:.1f} ms, {med / T * 1e9:.0f} ns/step, "
+                    f"peak device memory so far {peak:.0f} MiB",
+                    flush=True,
+                )
+                if med > args.budget:
+                    break
+    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
@@ -111,5 +123,7 @@ if __name__ == "__main__":
     p.add_argument("--k", type=int, nargs="+", default=[4, 16])
     p.add_argument("--check-T", type=int, default=2_000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget", type=float, default=20.0, help="seconds per run before stopping")
+    p.add_argument("--budget", type=float, default=5.0, help="seconds per run before stopping")
+    p.add_argument("--schedule", nargs="+", default=["parallel", "sequential"])
+    p.add_argument("--deadline", type=float, default=270.0, help="start nothing after this")
     main(p.parse_args())

@@ -25,7 +25,9 @@ from numpyro_lds.kalman import (
     chain_sample,
     check_schedule,
     condition_on_potentials,
+    expected_log_joint,
     expected_potential_log_prob,
+    posterior_stats,
     resolve_schedule,
     reverse_moments,
 )
@@ -227,6 +229,12 @@ class _ChainDistribution(Distribution):
     @classmethod
     def _single_entropy(cls, args, num_steps, schedule):
         return chain_entropy(cls._single_chain(args, num_steps, schedule), num_steps)
+
+    @classmethod
+    def _single_moments_and_log_q(cls, args, num_steps, schedule):
+        """Moments (forward time) and ``E_q[log q(z)]``, the negative entropy."""
+        moments = cls._single_moments(args, num_steps, schedule)
+        return moments, -cls._single_entropy(args, num_steps, schedule)
 
     @classmethod
     def _single_sample(cls, args, eps, num_steps, schedule):
@@ -649,23 +657,31 @@ class LDSPosterior(_ChainDistribution):
         return (chain, self._potentials()), (chain_ndims, _POTENTIAL_NDIMS)
 
     @classmethod
-    def _single_posterior(cls, args, num_steps, schedule):
+    def _single_chain(cls, args, num_steps, schedule):
         chain, potentials = args
-        return condition_on_potentials(chain, potentials, schedule)
+        return condition_on_potentials(chain, potentials, schedule).backward_chain
+
+    # Moments, log-normalizer and KL go through posterior_stats, whose gradient (sequential
+    # schedule) is a custom VJP instead of reverse mode through the scans.
+    @classmethod
+    def _single_moments(cls, args, num_steps, schedule) -> Moments:
+        return posterior_stats(*args, schedule).moments
 
     @classmethod
-    def _single_chain(cls, args, num_steps, schedule):
-        return cls._single_posterior(args, num_steps, schedule).backward_chain
+    def _single_moments_and_log_q(cls, args, num_steps, schedule):
+        # E_q log q = E_q[log prior + Σ log φ_t] − log Z.
+        stats = posterior_stats(*args, schedule)
+        log_q = expected_log_joint(stats.moments, *args) - stats.log_normalizer
+        return stats.moments, log_q
 
     @classmethod
     def _single_log_normalizer(cls, args, num_steps, schedule):
-        return cls._single_posterior(args, num_steps, schedule).log_normalizer
+        return posterior_stats(*args, schedule).log_normalizer
 
     @classmethod
     def _single_kl_to_prior(cls, args, num_steps, schedule):
-        post = cls._single_posterior(args, num_steps, schedule)
-        moments = reverse_moments(chain_moments(post.backward_chain, num_steps, schedule))
-        return expected_potential_log_prob(moments, args[1]) - post.log_normalizer
+        stats = posterior_stats(*args, schedule)
+        return expected_potential_log_prob(stats.moments, args[1]) - stats.log_normalizer
 
     @property
     def log_normalizer(self):

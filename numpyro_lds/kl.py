@@ -23,7 +23,6 @@ from numpyro.distributions.kl import kl_divergence
 from numpyro_lds._batch import jit_batch_map
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace, _ChainDistribution
 from numpyro_lds.kalman import (
-    chain_entropy,
     chain_moments,
     expected_transition_log_prob,
     resolve_schedule,
@@ -66,10 +65,7 @@ def _single_kl_terms_for(q_cls, p_cls):
 
 def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps, schedule) -> KLTerms:
     """Terms A–C for one sequence. ``*_cls`` say how each chain is represented."""
-    q_chain = q_cls._single_chain(q_args, num_steps, schedule)
-    q_moments = chain_moments(q_chain, num_steps, schedule)
-    if q_cls._chain_reversed:
-        q_moments = reverse_moments(q_moments)
+    q_moments, q_log_q = q_cls._single_moments_and_log_q(q_args, num_steps, schedule)
     chol_q1 = cholesky(q_moments.covs[0])
 
     p_chain = p_cls._single_chain(p_args, num_steps, schedule)
@@ -82,8 +78,8 @@ def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps, schedule) -> KLTer
     chol_p1 = cholesky(p1_cov)
 
     term_a = mvn_kl(q_moments.means[0], chol_q1, p1_mean, chol_p1)
-    # Σ_{t≥2} H_q(z_t | z_{t-1}) = H_q(z_{1:T}) − H_q(z_1), whichever way q's chain runs.
-    term_b = mvn_entropy(chol_q1) - chain_entropy(q_chain, num_steps)
+    # Σ_{t≥2} E_q log q(z_t | z_{t-1}) = E_q log q(z_{1:T}) + H_q(z_1).
+    term_b = mvn_entropy(chol_q1) + q_log_q
     if p_cls._chain_reversed:
         # Σ_{t≥2} E_q log p(z_t | z_{t-1}) = E_q log p(z_{1:T}) − E_q log p(z_1), with
         # log p(z_{1:T}) evaluated through p's backward factorization.
