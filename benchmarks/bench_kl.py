@@ -197,6 +197,9 @@ def main(args):
     device = jax.devices()[0]
     print(f"jax {jax.__version__}, device {device.device_kind} ({device.platform})")
     rows = []
+    if args.append and (Path(args.out) / "bench_kl.csv").exists():
+        with open(Path(args.out) / "bench_kl.csv") as f:
+            rows = list(csv.DictReader(f))
     for dtype_name in args.dtype:
         dtype = jnp.dtype(dtype_name)
         for batch in args.batch:
@@ -283,4 +286,5 @@ if __name__ == "__main__":
     ap.add_argument("--max-elements", type=float, default=1e8, help="T·batch·k² limit")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in the CSV")
     main(ap.parse_args())

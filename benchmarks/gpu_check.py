@@ -3,11 +3,11 @@
 Run on a machine with a GPU (``python benchmarks/gpu_check.py``); prints one line per
 measurement and stops starting new work after ``--deadline`` seconds (default 270, so the
 whole run stays under 5 minutes). It checks that the GPU results of both schedules
-(sequential and parallel-in-time), in float32 and float64, match a float64 sequential run
+(sequential and parallel-in-time), in float32, match a float64 sequential run
 on the CPU (the same code), then times the KL value + gradient (w.r.t. the potentials)
 with ``jit``: compile time separately, then the median of repeats, and the device's peak
-memory. Sizes run in increasing T per (schedule, k) and stop growing once one run takes
-longer than ``--budget``.
+memory. Timings run in the order of ``--runs`` (most important first); a (schedule, k) stops
+once one run takes longer than ``--budget``.
 """
 
 from __future__ import annotations
@@ -80,50 +80,73 @@ def main(args):
     gpu = jax.devices()[0]
     cpu = jax.devices("cpu")[0]
     print(f"jax {jax.__version__}; device: {gpu.device_kind} ({gpu.platform})", flush=True)
-    # correctness: GPU (each schedule, float32 and float64) vs CPU float64 sequential
+    # correctness: GPU (each schedule, float32) vs CPU float64 sequential
     for k in args.k:
         f_ref, a_ref = kl_value_and_grad(args.check_T, k, jnp.float64, cpu, "sequential")
         ref_kl, (ref_gy, ref_gv) = f_ref(*a_ref)
         for schedule in args.schedule:
-            for dtype in (jnp.float32, jnp.float64):
+            for dtype in args.check_dtype:
                 f, a = kl_value_and_grad(args.check_T, k, dtype, gpu, schedule)
+                t0 = time.perf_counter()
                 kl, (gy, gv) = f(*a)
                 print(
-                    f"check T={args.check_T} k={k} {schedule} {jnp.dtype(dtype).name}: "
+                    f"check T={args.check_T} k={k} {schedule} {dtype}: "
                     f"KL rel err {rel(kl, ref_kl):.1e}, grad rel err {rel(gy, ref_gy):.1e} / "
                     f"{rel(gv, ref_gv):.1e}, "
-                    f"finite {bool(np.isfinite(kl) and np.all(np.isfinite(gy)))}",
+                    f"finite {bool(np.isfinite(kl) and np.all(np.isfinite(gy)))} "
+                    f"(compile + run {time.perf_counter() - t0:.1f} s)",
                     flush=True,
                 )
-    # timings, float32
-    for k in args.k:
-        for schedule in args.schedule:
-            for T in args.T:
-                if time.perf_counter() - start > args.deadline:
-                    print(f"skip T={T} k={k} {schedule}: past the {args.deadline} s deadline")
-                    continue
-                f, a = kl_value_and_grad(T, k, jnp.float32, gpu, schedule)
-                compile_s, med = timed(f, a, args.repeats)
-                stats = gpu.memory_stats() or {}
-                peak = stats.get("peak_bytes_in_use", float("nan")) / 2**20
-                print(
-                    f"time T={T} k={k} float32 {schedule}: compile {compile_s:.2f}s, "
-                    f"median {med * 1e3:.1f} ms, {med / T * 1e9:.0f} ns/step, "
-                    f"peak device memory so far {peak:.0f} MiB",
-                    flush=True,
-                )
-                if med > args.budget:
-                    break
+    # timings, float32, in the order given (most important first)
+    too_slow = set()
+    for run in args.runs:
+        schedule, k, T = run.split(":")
+        k, T = int(k), int(T)
+        if time.perf_counter() - start > args.deadline:
+            print(f"skip T={T} k={k} {schedule}: past the {args.deadline} s deadline")
+            continue
+        if (schedule, k) in too_slow:
+            print(f"skip T={T} k={k} {schedule}: a smaller T took over {args.budget} s")
+            continue
+        f, a = kl_value_and_grad(T, k, jnp.float32, gpu, schedule)
+        compile_s, med = timed(f, a, args.repeats)
+        stats = gpu.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use", float("nan")) / 2**20
+        print(
+            f"time T={T} k={k} float32 {schedule}: compile {compile_s:.2f}s, "
+            f"median {med * 1e3:.1f} ms, {med / T * 1e9:.0f} ns/step, "
+            f"peak device memory so far {peak:.0f} MiB",
+            flush=True,
+        )
+        if med > args.budget:
+            too_slow.add((schedule, k))
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--T", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
-    p.add_argument("--k", type=int, nargs="+", default=[4, 16])
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=[
+            "parallel:4:1000",
+            "sequential:4:1000",
+            "parallel:4:1000000",
+            "sequential:4:10000",
+            "parallel:16:1000000",
+            "sequential:16:10000",
+            "parallel:4:10000",
+            "parallel:4:100000",
+            "sequential:4:100000",
+            "parallel:16:10000",
+        ],
+        help="schedule:k:T timings, in order",
+    )
+    p.add_argument("--k", type=int, nargs="+", default=[4, 16], help="for the check")
     p.add_argument("--check-T", type=int, default=2_000)
+    p.add_argument("--check-dtype", nargs="+", default=["float32"])
+    p.add_argument("--schedule", nargs="+", default=["parallel", "sequential"], help="check")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=5.0, help="seconds per run before stopping")
-    p.add_argument("--schedule", nargs="+", default=["parallel", "sequential"])
     p.add_argument("--deadline", type=float, default=270.0, help="start nothing after this")
     main(p.parse_args())

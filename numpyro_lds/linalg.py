@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,7 +28,9 @@ def _chunked(fn, *arrays, core_ndims):
     """Apply batched ``fn`` in chunks of at most ``LAPACK_CHUNK`` along the flattened batch."""
     batch = arrays[0].shape[: arrays[0].ndim - core_ndims[0]]
     size = math.prod(batch)
-    if size <= LAPACK_CHUNK:
+    # Only the CPU runtime needs it; on a GPU one batched call is much faster (at T = 10⁶ the
+    # chunks would be 15 625 calls in sequence).
+    if size <= LAPACK_CHUNK or jax.default_backend() != "cpu":
         return fn(*arrays)
     flat = [
         a.reshape((size,) + a.shape[a.ndim - nd :])
