@@ -369,12 +369,17 @@ class LinearGaussianStateSpace(_ChainDistribution):
       transition_offset: ``b``; zero if omitted.
       num_steps: ``T``. Required when no argument has a time axis of length ``T - 1``;
         must agree when one does.
+      schedule: how recursions over time run: ``"sequential"`` (a scan), ``"parallel"``
+        (associative scan, ``O(log T)`` depth; for GPUs and long sequences) or
+        ``"blocked"`` (two-level scan). Same results; None picks by backend
+        (sequential on CPU, parallel on GPU/TPU). See the performance page.
       validate_args: check positive definiteness and finiteness of the arguments.
 
     Raises:
       ValueError: on inconsistent shapes (naming the argument, the shape received and the
         shape expected) and, with ``validate_args``, on invalid values.
       TypeError: on non-floating arguments or a non-integer ``num_steps``.
+      ValueError: on an unknown ``schedule``.
 
     References:
       Särkkä, S. (2013). *Bayesian Filtering and Smoothing*. Cambridge University Press.
@@ -523,6 +528,7 @@ class LDSPosterior(_ChainDistribution):
       potential_var: their variances (diagonal ``R_t``).
       emission_matrix: ``H``.
       mask: False where a step has no potential.
+      schedule: as for :class:`LinearGaussianStateSpace`; None takes the prior's.
       validate_args: check positive definiteness and finiteness of the arguments.
 
     Raises:

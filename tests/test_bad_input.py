@@ -59,6 +59,7 @@ PRIOR_CASES = [
         ValueError,
         r"transition_matrix .*length 5.*T-1 = 3",
     ),
+    ("unknown_schedule", dict(schedule="fast"), ValueError, r"schedule must be None or one of"),
     (
         "time_axes_disagree",
         dict(
@@ -147,6 +148,7 @@ POSTERIOR_CASES = [
     ),
     ("mask_shape", dict(mask=np.ones(5, bool)), ValueError, r"mask .*\[\.\.\., 4\].*\(5,\)"),
     ("mask_dtype", dict(mask=np.ones(4, int)), TypeError, r"mask must have dtype bool"),
+    ("unknown_schedule_posterior", dict(schedule=True), ValueError, r"schedule must be None"),
     ("prior_type", dict(prior=np.zeros(3)), TypeError, r"prior must be a LinearGaussianStateSpace"),
     (
         "not_pd",
