@@ -667,26 +667,31 @@ class LDSPosterior(_ChainDistribution):
         chain, potentials = args
         return condition_on_potentials(chain, potentials, schedule).backward_chain
 
-    # Moments, log-normalizer and KL go through posterior_stats, whose gradient (sequential
-    # schedule) is a custom VJP instead of reverse mode through the scans.
+    # Moments, log-normalizer and KL go through posterior_stats, whose gradient is a custom
+    # VJP instead of reverse mode through the scans.
+    @classmethod
+    def _single_stats(cls, args, num_steps, schedule):
+        chain, potentials = args
+        return posterior_stats(chain, potentials, schedule)
+
     @classmethod
     def _single_moments(cls, args, num_steps, schedule) -> Moments:
-        return posterior_stats(*args, schedule).moments
+        return cls._single_stats(args, num_steps, schedule).moments
 
     @classmethod
     def _single_moments_and_log_q(cls, args, num_steps, schedule):
         # E_q log q = E_q[log prior + Σ log φ_t] − log Z.
-        stats = posterior_stats(*args, schedule)
+        stats = cls._single_stats(args, num_steps, schedule)
         log_q = expected_log_joint(stats.moments, *args) - stats.log_normalizer
         return stats.moments, log_q
 
     @classmethod
     def _single_log_normalizer(cls, args, num_steps, schedule):
-        return posterior_stats(*args, schedule).log_normalizer
+        return cls._single_stats(args, num_steps, schedule).log_normalizer
 
     @classmethod
     def _single_kl_to_prior(cls, args, num_steps, schedule):
-        stats = posterior_stats(*args, schedule)
+        stats = cls._single_stats(args, num_steps, schedule)
         return expected_potential_log_prob(stats.moments, args[1]) - stats.log_normalizer
 
     @property
