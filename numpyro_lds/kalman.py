@@ -41,7 +41,6 @@ import numpy as np
 from jax import lax
 
 from numpyro_lds.linalg import (
-    UNROLL_MAX_K,
     cho_solve,
     cholesky,
     expected_mvn_log_prob,
@@ -592,14 +591,9 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
 
     Both are exact for every input (dynamics, initial state, potentials, emission
     matrices), not an approximation. The forward-mode pass runs on the schedule of the
-    forward pass, so the parallel schedule stays parallel. On CPU with ``k > 8`` (LAPACK
-    factorizations) plain reverse mode is used instead, being faster there.
+    forward pass, so the parallel schedule stays parallel.
     """
     check_schedule(schedule)
-    if chain.initial_mean.shape[-1] > UNROLL_MAX_K and jax.default_backend() == "cpu":
-        # With LAPACK in sequential chunks (k > 8 on CPU, see linalg) the forward-mode pass
-        # costs more than reverse mode: 225 vs 158 ms at k = 16, T = 1 000 on 2 cores.
-        return _posterior_stats(chain, potentials, schedule)
     return _posterior_stats_custom(chain, potentials, schedule)
 
 

@@ -7,6 +7,7 @@ Every helper broadcasts over leading (batch) dimensions.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,31 +17,73 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 
 # Small matrices (k <= UNROLL_MAX_K) are factorized and solved with unrolled elementwise
-# operations: XLA fuses them, they are several times faster than LAPACK calls per step, and
-# they avoid LAPACK custom calls, which on a 2-thread CPU deadlock (jaxlib 0.10) when XLA runs
-# two batched calls concurrently (seen with the gradient of the KL at T = 3·10⁴). Larger
-# matrices use LAPACK over at most LAPACK_CHUNK matrices per call, in sequence.
+# operations: XLA fuses them, and they are several times faster than LAPACK calls per step.
+# Larger *batches* of larger matrices on CPU (the per-step algebra vectorized over time)
+# use a fori_loop over columns (rows) of batched elementwise operations, again no LAPACK:
+# on a 2-thread CPU, jaxlib 0.10's runtime deadlocks when it runs two batched LAPACK calls
+# concurrently (seen with the KL gradient at k = 4, T = 3·10⁴ before unrolling, and with
+# the KL at k = 64, T = 1 000 with LAPACK in chunks). A single matrix (a step inside a scan)
+# uses LAPACK. On GPUs larger matrices use the vendor's batched solvers.
 UNROLL_MAX_K = 8
-LAPACK_CHUNK = 64
 
 
-def _chunked(fn, *arrays, core_ndims):
-    """Apply batched ``fn`` in chunks of at most ``LAPACK_CHUNK`` along the flattened batch."""
-    batch = arrays[0].shape[: arrays[0].ndim - core_ndims[0]]
-    size = math.prod(batch)
-    # Only the CPU runtime needs it; on a GPU one batched call is much faster (at T = 10⁶ the
-    # chunks would be 15 625 calls in sequence).
-    if size <= LAPACK_CHUNK or jax.default_backend() != "cpu":
-        return fn(*arrays)
-    flat = [
-        a.reshape((size,) + a.shape[a.ndim - nd :])
-        for a, nd in zip(arrays, core_ndims, strict=True)
-    ]
-    pad = -size % LAPACK_CHUNK  # whole chunks only: no remainder call running beside the loop
-    flat = [jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad,) + a.shape[1:])]) for a in flat]
-    chunks = [a.reshape((-1, LAPACK_CHUNK) + a.shape[1:]) for a in flat]
-    out = lax.map(lambda xs: fn(*xs), tuple(chunks))
-    return out.reshape((-1,) + out.shape[2:])[:size].reshape(batch + out.shape[2:])
+@jax.custom_jvp
+def _cholesky_loop(a):
+    """Column-by-column Cholesky as a ``fori_loop`` of batched elementwise ops (no LAPACK)."""
+    k = a.shape[-1]
+    idx = jnp.arange(k)
+
+    def column(j, L):
+        e_j = (idx == j).astype(a.dtype)
+        row_j = jnp.sum(L * e_j[:, None], -2)  # L[j, :], zero from column j on
+        a_j = jnp.sum(a * e_j, -1)  # a[:, j]
+        d = jnp.sqrt(jnp.sum(a_j * e_j, -1) - jnp.sum(row_j * row_j, -1))
+        col = (a_j - jnp.sum(L * row_j[..., None, :], -1)) / d[..., None]
+        col = jnp.where(idx > j, col, jnp.where(idx == j, d[..., None], 0.0))
+        return L + col[..., :, None] * e_j
+
+    return lax.fori_loop(0, k, column, jnp.zeros_like(a))
+
+
+@_cholesky_loop.defjvp
+def _cholesky_loop_jvp(primals, tangents):
+    # dL = L Φ(L⁻¹ dA L⁻ᵀ), Φ: lower triangle with half the diagonal; no loop to differentiate.
+    (a,), (da,) = primals, tangents
+    L = _cholesky_loop(a)
+    w = _solve_lower_loop(L, symmetrize(da))
+    w = _solve_lower_loop(L, transpose(w))
+    phi = jnp.tril(w) - 0.5 * jnp.eye(a.shape[-1], dtype=a.dtype) * w
+    return L, jnp.matmul(L, phi, precision=HIGHEST)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _solve_lower_loop(chol, b, transpose_a=False):
+    """Forward (or, for ``cholᵀ``, backward) substitution as a ``fori_loop`` (no LAPACK)."""
+    k = chol.shape[-1]
+    idx = jnp.arange(k)
+    rows = transpose(chol) if transpose_a else chol
+    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
+
+    def row(n, x):
+        i = k - 1 - n if transpose_a else n
+        e_i = (idx == i).astype(b.dtype)
+        r_i = jnp.sum(rows * e_i[:, None], -2)  # row i; unsolved entries of x are zero
+        s = jnp.sum(b * e_i[:, None], -2) - jnp.sum(r_i[..., :, None] * x, -2)
+        x_i = s / jnp.sum(diag * e_i, -1)[..., None]
+        return x + e_i[:, None] * x_i[..., None, :]
+
+    return lax.fori_loop(0, k, row, jnp.zeros_like(b))
+
+
+@_solve_lower_loop.defjvp
+def _solve_lower_loop_jvp(transpose_a, primals, tangents):
+    # x = L⁻¹ b: dx = L⁻¹ (db − dL x); linear in the tangents, so reverse mode transposes a
+    # loop that needs only L, not a stored trajectory.
+    chol, b = primals
+    d_chol, d_b = tangents
+    x = _solve_lower_loop(chol, b, transpose_a)
+    d_l = transpose(d_chol) if transpose_a else d_chol
+    return x, _solve_lower_loop(chol, d_b - jnp.matmul(d_l, x, precision=HIGHEST), transpose_a)
 
 
 def _cholesky_unrolled(a):
@@ -122,16 +165,13 @@ def _solve(chol, b, transpose_a):
     if chol.shape[-1] <= UNROLL_MAX_K:
         return _solve_lower_unrolled(chol, b, transpose_a)
     chol, b = _broadcast_batch(chol, b, 2, 2)
-    fn = _tri_solve_t if transpose_a else _tri_solve
-    return _chunked(fn, chol, b, core_ndims=(2, 2))
+    if jax.default_backend() == "cpu" and chol.ndim > 2:
+        return _solve_lower_loop(chol, b, transpose_a)
+    return _tri_solve(chol, b, transpose_a)
 
 
 def _tri_solve(chol, b, transpose_a=False):
     return lax.linalg.triangular_solve(chol, b, left_side=True, lower=True, transpose_a=transpose_a)
-
-
-def _tri_solve_t(chol, b):
-    return _tri_solve(chol, b, transpose_a=True)
 
 
 def solve_lower_vec(chol, r):
@@ -149,7 +189,9 @@ def cholesky(a):
     a = symmetrize(a)
     if a.shape[-1] <= UNROLL_MAX_K:
         return _cholesky_unrolled(a)
-    return _chunked(jnp.linalg.cholesky, a, core_ndims=(2,))
+    if jax.default_backend() == "cpu" and a.ndim > 2:
+        return _cholesky_loop(a)
+    return jnp.linalg.cholesky(a)
 
 
 def logdet_from_chol(chol):
