@@ -177,11 +177,17 @@ def plot(rows, out):
                     label=name,
                     color=f"C{m_idx % 10}",
                 )
+        if not ax.lines:
+            ax.set_axis_off()
+            continue
         ax.set_title(f"batch {b}, k = {k}", fontsize=9)
         ax.set_xlabel("T")
         ax.set_ylabel("median time (ms)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    legend = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=3, fontsize=7)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(Path(out) / "bench_kl.png", dpi=90)
     plt.close(fig)
