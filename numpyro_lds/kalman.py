@@ -174,7 +174,7 @@ def prefix_scan(op, elems, schedule):
 
     first = jax.tree.map(lambda x: x[0], elems)
     _, rest = lax.scan(step, first, jax.tree.map(lambda x: x[1:], elems))
-    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+    return _cat_first(first, rest)
 
 
 def _blocked_prefix_scan(op, elems, n):
@@ -209,6 +209,11 @@ def _compose_affine(e1, e2):
     """``e2 ∘ e1``: first ``e1``, then ``e2``."""
     S = None if e1.S is None else quad_form(e2.F, e1.S) + e2.S
     return _Affine(matmul(e2.F, e1.F), matvec(e2.F, e1.c) + e2.c, S)
+
+
+def _cat_first(first, rest):
+    """Prepend ``first`` to ``rest`` along the leading (time) axis, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
 def _along_time(x, n):
@@ -248,10 +253,6 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential"
         marginals = prefix_scan(_compose_affine, _cat_first(first, _Affine(F, c, S)), schedule)
         ms, Ps = marginals.c, marginals.S
     return Moments(ms, Ps, matmul(F, Ps[:-1]))
-
-
-def _cat_first(first, rest):
-    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
 def reverse_moments(moments: Moments) -> Moments:
@@ -408,9 +409,9 @@ def _filter_elements(chain, y, R, H, mask, info=None) -> _FilterElement:
         jnp.where(o_vec, matvec(transpose(V), w), 0.0),
         u.log_lik,
     )
-    zero = jnp.zeros((), m0.dtype)
-    first = _FilterElement(jnp.zeros_like(P0), u0.mean, u0.cov, jnp.zeros_like(P0), 0 * m0, zero)
-    first = first._replace(log_c=u0.log_lik)
+    first = _FilterElement(
+        jnp.zeros_like(P0), u0.mean, u0.cov, jnp.zeros_like(P0), jnp.zeros_like(m0), u0.log_lik
+    )
     elements = _cat_first(first, steps)
     return elements if info is None else _element_with_info(elements, *info)
 
@@ -440,7 +441,6 @@ def _filter(chain, potentials, schedule, info=None) -> FilterResult:
     num_steps = potentials.mean.shape[0]
     y, R, H, mask = _masked_potentials(potentials, num_steps)
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    cat = lambda a, b: jnp.concatenate([a[None], b])  # noqa: E731
     if schedule != "sequential":
         elements = _filter_elements(chain, y, R, H, mask, info)
         filtered = prefix_scan(_combine_filter, elements, schedule)
@@ -448,7 +448,7 @@ def _filter(chain, potentials, schedule, info=None) -> FilterResult:
         F, c, S = _transitions(chain, num_steps)
         mp = matvec(F, mf[:-1]) + c
         Pp = quad_form(F, Pf[:-1]) + S
-        return FilterResult(cat(m0, mp), cat(P0, Pp), mf, Pf, filtered.log_c[-1])
+        return FilterResult(_cat_first(m0, mp), _cat_first(P0, Pp), mf, Pf, filtered.log_c[-1])
 
     return _sequential_filter(chain, y, R, H, mask, info)
 
@@ -470,7 +470,6 @@ def _sequential_filter(chain, y, R, H, mask, info=None) -> FilterResult:
     else:
         update = _first_order_info_update
     J, h = info
-    cat = lambda a, b: jnp.concatenate([a[None], b])  # noqa: E731
     first = lambda x: None if x is None else x[0]  # noqa: E731
     rest = lambda x: None if x is None else x[1:]  # noqa: E731
     u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
@@ -487,6 +486,7 @@ def _sequential_filter(chain, y, R, H, mask, info=None) -> FilterResult:
 
     xs = _transitions(chain, num_steps) + (y[1:], R[1:], H[1:], mask[1:], rest(J), rest(h))
     _, (mp, Pp, mf, Pf, ll) = lax.scan(step, (mf0, Pf0), xs)
+    cat = _cat_first
     return FilterResult(
         cat(m0, mp), cat(P0, Pp), cat(mf0, mf), cat(Pf0, Pf), u0.log_lik + jnp.sum(ll)
     )
@@ -578,9 +578,9 @@ class PosteriorStats(NamedTuple):
 def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="sequential"):
     """Filter, smoother and smoothed moments: :class:`PosteriorStats`.
 
-    With the sequential schedule its gradient is a custom VJP that does not run
-    reverse-mode through the scans (which costs 3–8 forward passes): the posterior is an
-    exponential family with natural parameters ``η(θ)`` and log-partition ``log Z``, so
+    Its gradient is a custom VJP that does not run reverse mode through the scans (which
+    costs 3–8 forward passes): the posterior is an exponential family with natural
+    parameters ``η(θ)`` and log-partition ``log Z``, so
 
     - ``∇_θ log Z = ∇_θ E_q[log prior(z; θ) + Σ log φ_t(z_t; θ)]`` at fixed moments
       (the Fisher identity), and
@@ -615,22 +615,28 @@ def _posterior_stats_fwd(chain, potentials, schedule):
     return stats, (chain, potentials, stats.moments)
 
 
+def _outer(a, b):
+    return a[..., :, None] * b[..., None, :]
+
+
 def _moments_from_natural(means, second, cross_second):
     """``(E z, E zzᵀ, E z_{t+1}z_tᵀ) ↦ Moments`` (central second moments)."""
-    outer = lambda a, b: a[..., :, None] * b[..., None, :]  # noqa: E731
-    return Moments(means, second - outer(means, means), cross_second - outer(means[1:], means[:-1]))
+    return Moments(
+        means, second - _outer(means, means), cross_second - _outer(means[1:], means[:-1])
+    )
+
+
+def _natural_from_moments(moments: Moments):
+    """The inverse of :func:`_moments_from_natural`."""
+    m = moments.means
+    return (m, moments.covs + _outer(m, m), moments.cross_covs + _outer(m[1:], m[:-1]))
 
 
 def _posterior_stats_bwd(schedule, res, cotangent):
     chain, potentials, moments = res
     moments_bar, log_z_bar = cotangent
     num_steps = moments.means.shape[0]
-    outer = lambda a, b: a[..., :, None] * b[..., None, :]  # noqa: E731
-    natural = (
-        moments.means,
-        moments.covs + outer(moments.means, moments.means),
-        moments.cross_covs + outer(moments.means[1:], moments.means[:-1]),
-    )
+    natural = _natural_from_moments(moments)
     # The cotangent as a direction in natural coordinates: log q gains
     # ε (d_lin·z_t + z_tᵀ d_quad z_t + z_{t+1}ᵀ d_cross z_t).
     d_lin, d_quad, d_cross = jax.vjp(_moments_from_natural, *natural)[1](moments_bar)

@@ -53,7 +53,7 @@ def _cholesky_loop_jvp(primals, tangents):
     w = _solve_lower_loop(L, symmetrize(da))
     w = _solve_lower_loop(L, transpose(w))
     phi = jnp.tril(w) - 0.5 * jnp.eye(a.shape[-1], dtype=a.dtype) * w
-    return L, jnp.matmul(L, phi, precision=HIGHEST)
+    return L, matmul(L, phi)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -83,7 +83,7 @@ def _solve_lower_loop_jvp(transpose_a, primals, tangents):
     d_chol, d_b = tangents
     x = _solve_lower_loop(chol, b, transpose_a)
     d_l = transpose(d_chol) if transpose_a else d_chol
-    return x, _solve_lower_loop(chol, d_b - jnp.matmul(d_l, x, precision=HIGHEST), transpose_a)
+    return x, _solve_lower_loop(chol, d_b - matmul(d_l, x), transpose_a)
 
 
 def _cholesky_unrolled(a):
