@@ -8,6 +8,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from numpyro_lds.linalg import tracing
+
 
 def batch_map(fn, batch_shape, args, event_ndims):
     """Apply single-sequence ``fn(*args)`` over ``batch_shape``.
@@ -50,7 +52,8 @@ def batch_map(fn, batch_shape, args, event_ndims):
         return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape), out)
     flat_args = jax.tree.map(flatten, args, event_ndims)
     in_axes = jax.tree.map(lambda x, nd: 0 if has_batch(x, nd) else None, args, event_ndims)
-    out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
+    with tracing(batched=True):
+        out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
     return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
 
 

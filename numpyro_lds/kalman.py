@@ -52,7 +52,9 @@ from numpyro_lds.linalg import (
     quad_form,
     solve_lower,
     solve_lower_vec,
+    sum_last,
     symmetrize,
+    tracing,
     transpose,
 )
 
@@ -173,8 +175,18 @@ def prefix_scan(op, elems, schedule):
         return carry, carry
 
     first = jax.tree.map(lambda x: x[0], elems)
-    _, rest = lax.scan(step, first, jax.tree.map(lambda x: x[1:], elems))
+    _, rest = _scan(step, first, jax.tree.map(lambda x: x[1:], elems))
     return _cat_first(first, rest)
+
+
+def _scan(step, init, xs):
+    """``lax.scan`` with its body traced as a loop body (see ``linalg.matmul``)."""
+
+    def body(carry, x):
+        with tracing(loop=True):
+            return step(carry, x)
+
+    return lax.scan(body, init, xs)
 
 
 def _blocked_prefix_scan(op, elems, n):
@@ -188,7 +200,8 @@ def _blocked_prefix_scan(op, elems, n):
         return jnp.swapaxes(x.reshape((num_blocks, size) + x.shape[1:]), 0, 1)
 
     tree = jax.tree
-    within = prefix_scan(op, tree.map(to_blocks, elems), "sequential")  # [size, blocks]
+    with tracing(batched=True):
+        within = prefix_scan(op, tree.map(to_blocks, elems), "sequential")  # [size, blocks]
     carried = prefix_scan(op, tree.map(lambda x: x[-1], within), "sequential")  # [blocks]
     later = tree.map(lambda x: x[:, 1:], within)
     before = tree.map(lambda c, w: jnp.broadcast_to(c[:-1], w.shape), carried, later)
@@ -245,7 +258,7 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential"
             P_next = quad_form(F_t, P) + S_t
             return (m_next, P_next), (m_next, P_next)
 
-        _, (ms, Ps) = lax.scan(step, (m0, P0), (F, c, S))
+        _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S))
         ms, Ps = jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps])
     else:
         # z_t = (e_t ∘ … ∘ e_1)(·), e_1 = N(m0, P0) and e_t = N(F_{t-1} z + c_{t-1}, S_{t-1}).
@@ -288,7 +301,7 @@ def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
         z = matvec(F_t, z) + c_t + matvec(L_t, e_t)
         return z, z
 
-    _, zs = lax.scan(step, z0, (F, c, chol_S, eps[1:]))
+    _, zs = _scan(step, z0, (F, c, chol_S, eps[1:]))
     return jnp.concatenate([z0[None], zs])
 
 
@@ -366,8 +379,8 @@ def _combine_filter(e1, e2):
         log_c=e1.log_c
         + e2.log_c
         - 0.5 * logdet_from_chol(chol_M)
-        + jnp.sum(e1.b * (e2.eta - 0.5 * matvec(e2.J, e1.b)), -1)
-        + 0.5 * jnp.sum(r * Wr, -1),
+        + sum_last(e1.b * (e2.eta - 0.5 * matvec(e2.J, e1.b)))
+        + 0.5 * sum_last(r * Wr),
     )
 
 
@@ -485,7 +498,7 @@ def _sequential_filter(chain, y, R, H, mask, info=None) -> FilterResult:
         return (mf, Pf), (mp, Pp, mf, Pf, u.log_lik)
 
     xs = _transitions(chain, num_steps) + (y[1:], R[1:], H[1:], mask[1:], rest(J), rest(h))
-    _, (mp, Pp, mf, Pf, ll) = lax.scan(step, (mf0, Pf0), xs)
+    _, (mp, Pp, mf, Pf, ll) = _scan(step, (mf0, Pf0), xs)
     cat = _cat_first
     return FilterResult(
         cat(m0, mp), cat(P0, Pp), cat(mf0, mf), cat(Pf0, Pf), u0.log_lik + jnp.sum(ll)
@@ -534,7 +547,7 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
     """
     num_steps = moments.means.shape[0]
     F, c, _ = _transitions(chain, num_steps)
-    chol_S = _along_time(cholesky(chain.transition_cov), num_steps - 1)
+    chol_S = cholesky(chain.transition_cov)  # time axis 1 when shared: factored once
     m_prev, m_next = moments.means[:-1], moments.means[1:]
     CFt = matmul(moments.cross_covs, transpose(F))
     V = moments.covs[1:] - CFt - transpose(CFt) + quad_form(F, moments.covs[:-1])

@@ -7,8 +7,10 @@ Every helper broadcasts over leading (batch) dimensions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -18,72 +20,21 @@ HIGHEST = lax.Precision.HIGHEST
 
 # Small matrices (k <= UNROLL_MAX_K) are factorized and solved with unrolled elementwise
 # operations: XLA fuses them, and they are several times faster than LAPACK calls per step.
-# Larger *batches* of larger matrices on CPU (the per-step algebra vectorized over time)
-# use a fori_loop over columns (rows) of batched elementwise operations, again no LAPACK:
-# on a 2-thread CPU, jaxlib 0.10's runtime deadlocks when it runs two batched LAPACK calls
-# concurrently (seen with the KL gradient at k = 4, T = 3·10⁴ before unrolling, and with
-# the KL at k = 64, T = 1 000 with LAPACK in chunks). A single matrix (a step inside a scan)
-# uses LAPACK. On GPUs larger matrices use the vendor's batched solvers.
+# Larger matrices use LAPACK (cuSolver on GPUs). On CPU a *batch* of them (the per-step
+# algebra vectorized over time) is factorized matrix by matrix in a loop (`_per_matrix`),
+# never in one batched LAPACK call: on a 2-thread CPU, jaxlib 0.10's runtime deadlocks when
+# it runs two batched LAPACK calls concurrently (seen with the KL gradient at k = 4,
+# T = 3·10⁴ before unrolling, and with the KL at k = 64, T = 1 000). The loop of single
+# calls is 4-5x faster than the elementwise fori_loop factorization used before it.
 UNROLL_MAX_K = 8
 
 
-@jax.custom_jvp
-def _cholesky_loop(a):
-    """Column-by-column Cholesky as a ``fori_loop`` of batched elementwise ops (no LAPACK)."""
-    k = a.shape[-1]
-    idx = jnp.arange(k)
-
-    def column(j, L):
-        e_j = (idx == j).astype(a.dtype)
-        row_j = jnp.sum(L * e_j[:, None], -2)  # L[j, :], zero from column j on
-        a_j = jnp.sum(a * e_j, -1)  # a[:, j]
-        d = jnp.sqrt(jnp.sum(a_j * e_j, -1) - jnp.sum(row_j * row_j, -1))
-        col = (a_j - jnp.sum(L * row_j[..., None, :], -1)) / d[..., None]
-        col = jnp.where(idx > j, col, jnp.where(idx == j, d[..., None], 0.0))
-        return L + col[..., :, None] * e_j
-
-    return lax.fori_loop(0, k, column, jnp.zeros_like(a))
-
-
-@_cholesky_loop.defjvp
-def _cholesky_loop_jvp(primals, tangents):
-    # dL = L Φ(L⁻¹ dA L⁻ᵀ), Φ: lower triangle with half the diagonal; no loop to differentiate.
-    (a,), (da,) = primals, tangents
-    L = _cholesky_loop(a)
-    w = _solve_lower_loop(L, symmetrize(da))
-    w = _solve_lower_loop(L, transpose(w))
-    phi = jnp.tril(w) - 0.5 * jnp.eye(a.shape[-1], dtype=a.dtype) * w
-    return L, matmul(L, phi)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _solve_lower_loop(chol, b, transpose_a=False):
-    """Forward (or, for ``cholᵀ``, backward) substitution as a ``fori_loop`` (no LAPACK)."""
-    k = chol.shape[-1]
-    idx = jnp.arange(k)
-    rows = transpose(chol) if transpose_a else chol
-    diag = jnp.diagonal(chol, axis1=-2, axis2=-1)
-
-    def row(n, x):
-        i = k - 1 - n if transpose_a else n
-        e_i = (idx == i).astype(b.dtype)
-        r_i = jnp.sum(rows * e_i[:, None], -2)  # row i; unsolved entries of x are zero
-        s = jnp.sum(b * e_i[:, None], -2) - jnp.sum(r_i[..., :, None] * x, -2)
-        x_i = s / jnp.sum(diag * e_i, -1)[..., None]
-        return x + e_i[:, None] * x_i[..., None, :]
-
-    return lax.fori_loop(0, k, row, jnp.zeros_like(b))
-
-
-@_solve_lower_loop.defjvp
-def _solve_lower_loop_jvp(transpose_a, primals, tangents):
-    # x = L⁻¹ b: dx = L⁻¹ (db − dL x); linear in the tangents, so reverse mode transposes a
-    # loop that needs only L, not a stored trajectory.
-    chol, b = primals
-    d_chol, d_b = tangents
-    x = _solve_lower_loop(chol, b, transpose_a)
-    d_l = transpose(d_chol) if transpose_a else d_chol
-    return x, _solve_lower_loop(chol, d_b - matmul(d_l, x), transpose_a)
+def _per_matrix(fn, *arrays):
+    """``fn`` of matrices, applied one matrix at a time (a loop of single LAPACK calls)."""
+    batch = arrays[0].shape[:-2]
+    flat = [x.reshape((-1,) + x.shape[-2:]) for x in arrays]
+    out = lax.map(lambda xs: fn(*xs), flat)
+    return out.reshape(batch + out.shape[-2:])
 
 
 def _cholesky_unrolled(a):
@@ -124,21 +75,80 @@ def symmetrize(a):
     return 0.5 * (a + transpose(a))
 
 
+class _TraceContext(threading.local):
+    loop = 0  # > 0 while a scan body is traced
+    batched = 0  # > 0 while code is traced under vmap or across blocks
+
+
+_CONTEXT = _TraceContext()
+
+
+@contextlib.contextmanager
+def tracing(*, loop=False, batched=False):
+    """Declare that the code traced inside is a scan body and/or batched.
+
+    Only the *form* of the small-k products changes (see :func:`matmul`), never a value.
+    """
+    _CONTEXT.loop += int(loop)
+    _CONTEXT.batched += int(batched)
+    try:
+        yield
+    finally:
+        _CONTEXT.loop -= int(loop)
+        _CONTEXT.batched -= int(batched)
+
+
+def _elementwise_products(*arrays):
+    """Whether small-k products are written as sums of elementwise products (see matmul)."""
+    if jax.default_backend() != "cpu":
+        return False
+    unbatched = not _CONTEXT.batched and max(jnp.ndim(a) for a in arrays) <= 2
+    return not (_CONTEXT.loop and unbatched)
+
+
+def _unrolled_sum(terms):
+    """``t₁ + t₂ + …`` as elementwise adds: no reduction for XLA to hand to a library call."""
+    return functools.reduce(jnp.add, terms)
+
+
+def sum_last(x):
+    """``x.sum(-1)``; for a short last axis in the form :func:`matmul` would choose."""
+    n = x.shape[-1]
+    if n <= UNROLL_MAX_K and _elementwise_products(x):
+        return _unrolled_sum(x[..., p] for p in range(n))
+    return jnp.sum(x, -1)
+
+
 def matmul(a, b):
     """Batched matrix product at highest precision.
 
-    Up to ``UNROLL_MAX_K`` inner dimensions it is a broadcast product and a sum, which XLA
-    fuses with the surrounding elementwise work: inside a scan over time a dot call per
-    small product costs more in dispatch than the arithmetic.
+    Up to ``UNROLL_MAX_K`` inner dimensions it is elementwise work that XLA fuses with its
+    surroundings (inside a scan over time a dot call per small product costs more in
+    dispatch than the arithmetic), in one of two forms, chosen by measurement on CPU:
+
+    - a sum of ``k`` elementwise products, wherever the operands are batched (under
+      :func:`tracing` ``batched=True``, or with batch dims) or outside a scan body. A
+      reduction instead would be handed by XLA's CPU backend to YNNPACK once it spans
+      4 096 elements, one library call per product, which inside a loop body made the
+      blocked schedule 4x slower;
+    - a broadcast product and one reduction, for single matrices in a scan body (fuses
+      into fewer kernels: the sequential filter step 1.5x faster than the sum form), and
+      on GPUs, where the reduction is what was measured (``benchmarks/gpu_check.py``).
     """
-    if a.shape[-1] <= UNROLL_MAX_K:
+    k = a.shape[-1]
+    if k <= UNROLL_MAX_K and _elementwise_products(a, b):
+        return _unrolled_sum(a[..., :, p, None] * b[..., None, p, :] for p in range(k))
+    if k <= UNROLL_MAX_K:
         return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def matvec(a, x):
-    """Batched matrix-vector product ``a @ x`` at highest precision (fused for small k)."""
-    if a.shape[-1] <= UNROLL_MAX_K:
+    """Batched matrix-vector product ``a @ x`` at highest precision (small k: see matmul)."""
+    k = a.shape[-1]
+    if k <= UNROLL_MAX_K and _elementwise_products(a, x):
+        return _unrolled_sum(a[..., :, p] * x[..., p, None] for p in range(k))
+    if k <= UNROLL_MAX_K:
         return jnp.sum(a * x[..., None, :], axis=-1)
     return jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
 
@@ -162,11 +172,19 @@ def solve_lower(chol, b):
 
 
 def _solve(chol, b, transpose_a):
-    if chol.shape[-1] <= UNROLL_MAX_K:
+    k = chol.shape[-1]
+    if k <= UNROLL_MAX_K:
         return _solve_lower_unrolled(chol, b, transpose_a)
+    if math.prod(chol.shape[:-2]) == 1 and b.ndim > 2:
+        # One factor shared by a batch of right-hand sides: one solve with them as columns.
+        cols = jnp.moveaxis(b, -2, 0)
+        x = _tri_solve(chol.reshape(k, k), cols.reshape(k, -1), transpose_a)
+        x = jnp.moveaxis(x.reshape(cols.shape), 0, -2)
+        batch = jnp.broadcast_shapes(chol.shape[:-2], b.shape[:-2])
+        return jnp.broadcast_to(x, batch + x.shape[-2:])
     chol, b = _broadcast_batch(chol, b, 2, 2)
     if jax.default_backend() == "cpu" and chol.ndim > 2:
-        return _solve_lower_loop(chol, b, transpose_a)
+        return _per_matrix(functools.partial(_tri_solve, transpose_a=transpose_a), chol, b)
     return _tri_solve(chol, b, transpose_a)
 
 
@@ -190,13 +208,13 @@ def cholesky(a):
     if a.shape[-1] <= UNROLL_MAX_K:
         return _cholesky_unrolled(a)
     if jax.default_backend() == "cpu" and a.ndim > 2:
-        return _cholesky_loop(a)
+        return _per_matrix(jnp.linalg.cholesky, a)
     return jnp.linalg.cholesky(a)
 
 
 def logdet_from_chol(chol):
     """``log det(chol @ cholᵀ)``."""
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    return 2.0 * sum_last(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
 
 
 def trace_solve(chol, m):
@@ -210,7 +228,7 @@ def mvn_log_prob(x, mean, chol):
     """``log N(x; mean, chol @ cholᵀ)``, broadcasting over leading dimensions."""
     k = x.shape[-1]
     w = solve_lower_vec(chol, x - mean)
-    return -0.5 * (k * math.log(2 * math.pi) + logdet_from_chol(chol) + jnp.sum(w * w, -1))
+    return -0.5 * (k * math.log(2 * math.pi) + logdet_from_chol(chol) + sum_last(w * w))
 
 
 def expected_mvn_log_prob(m, cov, mean, chol):

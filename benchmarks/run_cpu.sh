@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The CPU benchmark run whose results are committed in benchmarks/results/ (bench_kl.*).
+# Needs the optional peers: pip install -e ".[bench]". About 40 minutes on a 2-core machine;
+# run it alone (other load on the cores distorts the timings).
+#   bash benchmarks/run_cpu.sh 2>&1 | tee benchmarks/results/bench_kl.log
+set -euxo pipefail
+cd "$(dirname "$0")/.."
+B="python benchmarks/bench_kl.py --repeats 5"
+# One sequence, float32. dynamax's parallel smoother hangs on 2 cores at k = 16, T = 1 000,
+# so it runs up to T = 100 for k >= 16.
+$B --dtype float32 --batch 1 --k 2 4 --T 100 1000 10000 100000 --schedule sequential blocked
+$B --append --dtype float32 --batch 1 --k 16 64 --T 100 1000 10000 100000 \
+    --schedule sequential blocked --dynamax-parallel-max-T 100
+# The memory target: KL + gradient at k = 16, T = 100 000 (about 20 s per call).
+$B --append --skip-peers --repeats 3 --budget-s 60 --dtype float32 --batch 1 --k 16 \
+    --T 100000 --schedule sequential
+# A batch of 64 sequences.
+$B --append --repeats 3 --dtype float32 --batch 64 --k 2 4 16 --T 100 1000 \
+    --schedule sequential blocked --dynamax-parallel-max-T 0
+# Parallel-in-time on the CPU (compiles for 20-100 s; for GPUs).
+$B --append --skip-peers --repeats 3 --dtype float32 --batch 1 --k 4 --T 1000 10000 \
+    --schedule parallel
+# float64.
+$B --append --repeats 3 --dtype float64 --batch 1 --k 4 16 --T 1000 10000 \
+    --schedule sequential --dynamax-parallel-max-T 0
