@@ -1,0 +1,75 @@
+"""The linear-algebra helpers against NumPy, in every form they can take (float64)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from numpyro_lds import linalg
+
+RTOL = 1e-12
+
+
+def _spd(rng, shape, k):
+    x = rng.normal(size=shape + (k, k))
+    return x @ np.swapaxes(x, -1, -2) + k * np.eye(k)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("context", ["plain", "loop", "batched_loop"])
+def test_small_products_are_the_same_in_every_form(k, context):
+    # The form (sum of elementwise products, or broadcast product and reduction) depends on
+    # where the code is traced; the value must not.
+    rng = np.random.default_rng(0)
+    a, b, x = rng.normal(size=(3, k, k)), rng.normal(size=(k, k)), rng.normal(size=(k,))
+    flags = {"plain": {}, "loop": {"loop": True}, "batched_loop": {"loop": True, "batched": True}}
+
+    def products(a, b, x):
+        with linalg.tracing(**flags[context]):
+            return (
+                linalg.matmul(a, b),
+                linalg.matmul(b, b),
+                linalg.matvec(a, x),
+                linalg.matvec(b, x),
+                linalg.sum_last(a),
+            )
+
+    got = jax.jit(products)(a, b, x)
+    want = (a @ b, b @ b, a @ x, b @ x, a.sum(-1))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("k", [3, 9])
+@pytest.mark.parametrize("factor_batch", [(), (1,), (4,)])
+def test_solves_with_shared_or_batched_factors(k, factor_batch):
+    # k = 9 takes LAPACK: one solve with the right-hand sides as columns when the factor is
+    # shared, a loop of single-matrix calls when it is batched.
+    rng = np.random.default_rng(1)
+    chol = np.linalg.cholesky(_spd(rng, factor_batch, k))
+    b = rng.normal(size=(4, k, 2))
+    r = rng.normal(size=(4, k))
+    full = np.broadcast_to(chol, (4, k, k))
+    want_lower = np.linalg.solve(full, b)
+    want_cho = np.linalg.solve(full @ np.swapaxes(full, -1, -2), b)
+    np.testing.assert_allclose(linalg.solve_lower(chol, b), want_lower, rtol=RTOL)
+    np.testing.assert_allclose(linalg.cho_solve(chol, b), want_cho, rtol=1e-10)
+    np.testing.assert_allclose(
+        linalg.solve_lower_vec(chol, r), np.linalg.solve(full, r[..., None])[..., 0], rtol=RTOL
+    )
+
+
+@pytest.mark.parametrize("k", [3, 9])
+def test_batched_cholesky_and_its_gradient(k):
+    rng = np.random.default_rng(2)
+    a = _spd(rng, (5,), k)
+    np.testing.assert_allclose(linalg.cholesky(a), np.linalg.cholesky(a), rtol=1e-10)
+    b = rng.normal(size=(5, k, 2))
+
+    def f(a, b):
+        return linalg.cho_solve(linalg.cholesky(a), b)
+
+    check_grads(f, (jnp.asarray(a), jnp.asarray(b)), order=1, modes=("fwd", "rev"), rtol=1e-6)
