@@ -264,9 +264,15 @@ def main(args):
                     for r in new_rows:
                         ratio = None if base is None else r["median_ms"] / (base * 1e3)
                         r["ratio_to_dynamax_seq"] = None if ratio is None else round(ratio, 3)
-                    rows += new_rows
+                    # A rerun of a size replaces its earlier rows (--append).
+                    new_keys = {_key(r) for r in new_rows}
+                    rows = [r for r in rows if _key(r) not in new_keys] + new_rows
                     write(rows, args.out, device)
     print(f"wrote {args.out}/bench_kl.csv, .md, .png")
+
+
+def _key(row):
+    return (row["method"], row["dtype"], int(row["batch"]), int(row["k"]), int(row["T"]))
 
 
 def write(rows, out, device):
@@ -303,6 +309,6 @@ if __name__ == "__main__":
     ap.add_argument("--max-elements", type=float, default=1e8, help="T·batch·k² limit")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV")
-    ap.add_argument("--append", action="store_true", help="add to the rows already in the CSV")
+    ap.add_argument("--append", action="store_true", help="add to (or replace) the rows in the CSV")
     ap.add_argument("--skip-peers", action="store_true", help="time numpyro_lds only")
     main(ap.parse_args())

@@ -8,7 +8,28 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from numpyro_lds.linalg import tracing
+from numpyro_lds.linalg import UNROLL_MAX_K, tracing
+
+
+def _uses_lapack(args, event_ndims):
+    """Whether any per-sequence matrix is larger than the unrolled linear algebra takes."""
+    return any(
+        nd >= 2 and jnp.shape(x)[-1] > UNROLL_MAX_K
+        for x, nd in zip(jax.tree.leaves(args), jax.tree.leaves(event_ndims), strict=True)
+    )
+
+
+def _sequence_map(fn, args, in_axes):
+    """``vmap(fn, in_axes)(*args)`` computed one sequence at a time (``lax.map``)."""
+    leaves, treedef = jax.tree.flatten(args)
+    axes = jax.tree.leaves(in_axes, is_leaf=lambda a: a is None)
+
+    def one(batched):
+        it = iter(batched)
+        full = [next(it) if ax == 0 else x for x, ax in zip(leaves, axes, strict=True)]
+        return fn(*jax.tree.unflatten(treedef, full))
+
+    return jax.lax.map(one, [x for x, ax in zip(leaves, axes, strict=True) if ax == 0])
 
 
 def batch_map(fn, batch_shape, args, event_ndims):
@@ -52,8 +73,14 @@ def batch_map(fn, batch_shape, args, event_ndims):
         return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape), out)
     flat_args = jax.tree.map(flatten, args, event_ndims)
     in_axes = jax.tree.map(lambda x, nd: 0 if has_batch(x, nd) else None, args, event_ndims)
-    with tracing(batched=True):
-        out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
+    if jax.default_backend() == "cpu" and _uses_lapack(args, event_ndims):
+        # One sequence after another: vmapped, the single-matrix LAPACK calls of k > 8
+        # become batched ones, and two running at once deadlock jaxlib 0.10 on 2 threads
+        # (seen: batch 64, k = 16, blocked KL gradient). See numpyro_lds.linalg.
+        out = _sequence_map(fn, flat_args, in_axes)
+    else:
+        with tracing(batched=True):
+            out = jax.vmap(fn, in_axes=in_axes)(*flat_args)
     return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape[1:]), out)
 
 
