@@ -31,6 +31,7 @@ from numpyro_lds.kalman import (
     resolve_schedule,
     reverse_moments,
 )
+from numpyro_lds.linalg import tracing
 
 __all__ = ["LDSPosterior", "LinearGaussianStateSpace"]
 
@@ -241,8 +242,12 @@ class _ChainDistribution(Distribution):
         """Paths for standard normals ``eps [S, T, k]``."""
         chain = cls._single_chain(args, num_steps, schedule)
         if cls._chain_reversed:
-            return jax.vmap(lambda e: chain_sample(chain, e[::-1], schedule)[::-1])(eps)
-        return jax.vmap(lambda e: chain_sample(chain, e, schedule))(eps)
+            draw = lambda e: chain_sample(chain, e[::-1], schedule)[::-1]  # noqa: E731
+        else:
+            draw = lambda e: chain_sample(chain, e, schedule)  # noqa: E731
+        # Several draws are a batch to the small-k products (see linalg.matmul).
+        with tracing(batched=eps.shape[0] > 1):
+            return jax.vmap(draw)(eps)
 
     def _resolved_schedule(self) -> str:
         return resolve_schedule(self.schedule)

@@ -29,7 +29,7 @@ CASES = [
     ("d_gt_k", 2, 4, (), True, {"d": 3, "diag": True}),
     ("shared_emission", 2, 4, (), True, {"d": 2, "emission": "shared"}),
     ("time_emission", 2, 4, (2,), True, {"emission": "time", "mask": True}),
-    # k > 8: LAPACK; batched, so the factorizations over time run under vmap.
+    # k > 8: LAPACK; batched, so on CPU the sequences run one at a time (_batch.batch_map).
     ("k9_batched", 9, 4, (2,), False, {"batch": (2,), "mask": True}),
 ]
 
