@@ -668,12 +668,14 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
       (the Fisher identity), and
     - the moments' VJP for a cotangent ``δη`` (in natural coordinates) is
       ``(∂η/∂θ)ᵀ Cov_q(s) δη``, where ``Cov_q(s) δη`` is the directional derivative of
-      the moments when ``log q`` gains ``ε⟨δη, s(z)⟩``: one forward-mode pass through the
-      same filter and smoother.
+      the moments when ``log q`` gains ``ε⟨δη, s(z)⟩``. Its tangents obey linear
+      recursions with coefficients from the forward pass, written out
+      (``docs/derivation.md``, section 8): three affine recursions and vectorized algebra,
+      no differentiation through a Cholesky factorization inside a loop.
 
     Both are exact for every input (dynamics, initial state, potentials, emission
-    matrices), not an approximation. The forward-mode pass runs on the schedule of the
-    forward pass, so the parallel schedule stays parallel.
+    matrices), not an approximation. The recursions run on the schedule of the forward
+    pass, so the parallel schedule stays parallel.
     """
     check_schedule(schedule)
     return _posterior_stats_custom(chain, potentials, schedule)
