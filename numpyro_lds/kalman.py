@@ -484,7 +484,7 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     F, _, S = _transitions(chain, num_steps)
     mf, Pf = filtered.filtered_means[:-1], filtered.filtered_covs[:-1]
     mp, Pp = filtered.predicted_means[1:], filtered.predicted_covs[1:]
-    G = transpose(cho_solve(cholesky(Pp), matmul(F, Pf)))
+    G, _ = _rts_gain(F, Pf, Pp)
     I_GF = jnp.eye(k, dtype=mf.dtype) - matmul(G, F)
     L = quad_form(I_GF, Pf) + quad_form(G, S)
     h = mf - matvec(G, mp)
@@ -495,6 +495,12 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
         jnp.flip(h, 0),
         jnp.flip(L, 0),
     )
+
+
+def _rts_gain(F, Pf, Pp):
+    """``G_t = P^f_t F_tᵀ (P^p_{t+1})⁻¹`` for all steps, and the factors of ``P^p_{t+1}``."""
+    chol_Pp = cholesky(Pp)
+    return transpose(cho_solve(chol_Pp, matmul(F, Pf))), chol_Pp
 
 
 def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) -> FilterResult:
@@ -522,12 +528,12 @@ def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) 
     F, _, _ = _transitions(chain, num_steps)
     mp, Pp = filtered.predicted_means, filtered.predicted_covs
     mf, Pf = filtered.filtered_means, filtered.filtered_covs
-    chol_S = cholesky(quad_form(H, Pp) + R)
-    o_vec, o_mat = mask[:, None], mask[:, None, None]
-    K = jnp.where(o_mat, transpose(cho_solve(chol_S, matmul(H, Pp))), 0.0)
-    A = jnp.eye(k, dtype=mf.dtype) - matmul(K, H)
-    S_inv_r = cho_solve(chol_S, (y - matvec(H, mp))[..., None])[..., 0]
-    v = jnp.where(o_vec, matvec(transpose(H), S_inv_r), 0.0)
+    # The update's gain (0 at unobserved steps) and innovation factor, for all steps at
+    # once; the updated moments it also returns are unused (and dropped by XLA).
+    update = _condition(mp, Pp, y, R, H, mask)
+    A = jnp.eye(k, dtype=mf.dtype) - matmul(update.gain, H)
+    S_inv_r = cho_solve(update.chol_S, (y - matvec(H, mp))[..., None])[..., 0]
+    v = jnp.where(mask[:, None], matvec(transpose(H), S_inv_r), 0.0)
     node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
     node_cov = quad_form(Pf, J_dot)
     # Step t-1 → t: the terms of the prediction's tangent that F_dot adds.
@@ -577,8 +583,7 @@ def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -
     mp, Pp = filtered.predicted_means[1:], filtered.predicted_covs[1:]
     mf_dot, Pf_dot = filtered_dot.filtered_means, filtered_dot.filtered_covs
     mp_dot, Pp_dot = filtered_dot.predicted_means[1:], filtered_dot.predicted_covs[1:]
-    chol_Pp = cholesky(Pp)
-    G = transpose(cho_solve(chol_Pp, matmul(F, Pf)))
+    G, chol_Pp = _rts_gain(F, Pf, Pp)
     X = matmul(Pf_dot[:-1], transpose(F)) + matmul(Pf, transpose(F_dot)) - matmul(G, Pp_dot)
     G_dot = transpose(cho_solve(chol_Pp, transpose(X)))  # X (P^p)⁻¹, P^p symmetric
     h_dot = mf_dot[:-1] - matvec(G_dot, mp) - matvec(G, mp_dot)
