@@ -43,7 +43,7 @@ from jax import lax
 from numpyro_lds.linalg import (
     cho_solve,
     cholesky,
-    expected_mvn_log_prob,
+    gaussian_energy,
     logdet_from_chol,
     matmul,
     matvec,
@@ -612,6 +612,53 @@ def condition_on_potentials(
     return Posterior(smoother_chain(chain, filtered), filtered.log_normalizer)
 
 
+def _along(weight, x, x_dot):
+    """``w x + ẋ`` (just ``x`` without a tangent): a statistic along a line of moments."""
+    return x if x_dot is None else weight * x + x_dot
+
+
+def _scatter(weight, e, e_dot, V):
+    """``V + w e eᵀ (+ ė eᵀ + e ėᵀ)``: the scatter of a residual ``e`` with tangent ``ė``."""
+    ee = _outer(e, e)
+    if e_dot is None:
+        return V + ee
+    cross = _outer(e_dot, e)
+    return V + weight * ee + cross + transpose(cross)
+
+
+def _initial_energy(moments, chain, tangent=None, weight=1.0):
+    """``E[log N(z_1; m_0, P_0)]`` (weighted, plus its tangent: see _expected_log_joint_along)."""
+    m_dot = None if tangent is None else tangent.means[0]
+    P = _along(weight, moments.covs[0], None if tangent is None else tangent.covs[0])
+    scatter = _scatter(weight, moments.means[0] - chain.initial_mean, m_dot, P)
+    return gaussian_energy(scatter, weight, symmetrize(chain.initial_cov))
+
+
+def _transition_energies(moments, chain, tangent=None, weight=1.0):
+    """``E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` per step (weighted, plus tangent)."""
+    num_steps = moments.means.shape[0]
+    F, c, _ = _transitions(chain, num_steps)
+    m = moments.means
+    P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
+    C = _along(weight, moments.cross_covs, None if tangent is None else tangent.cross_covs)
+    CFt = matmul(C, transpose(F))
+    V = P[1:] - CFt - transpose(CFt) + quad_form(F, P[:-1])
+    e = m[1:] - matvec(F, m[:-1]) - c
+    e_dot = None if tangent is None else tangent.means[1:] - matvec(F, tangent.means[:-1])
+    # The covariance keeps its time axis of 1 when shared: factored once.
+    return gaussian_energy(_scatter(weight, e, e_dot, V), weight, symmetrize(chain.transition_cov))
+
+
+def _node_energies(moments, potentials, tangent=None, weight=1.0):
+    """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
+    num_steps = moments.means.shape[0]
+    y, R, H, mask = _masked_potentials(potentials, num_steps)
+    P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
+    e_dot = None if tangent is None else -matvec(H, tangent.means)
+    scatter = _scatter(weight, y - matvec(H, moments.means), e_dot, quad_form(H, P))
+    return jnp.where(mask, gaussian_energy(scatter, weight, R), 0.0)
+
+
 def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
     """``Σ_t E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` under a Gaussian with ``moments``.
 
@@ -619,24 +666,12 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
     ``Cov(e_t) = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ`` (``C_t = Cov(z_{t+1}, z_t)``).
     This is Term C of ``docs/derivation.md``.
     """
-    num_steps = moments.means.shape[0]
-    F, c, _ = _transitions(chain, num_steps)
-    chol_S = cholesky(chain.transition_cov)  # time axis 1 when shared: factored once
-    m_prev, m_next = moments.means[:-1], moments.means[1:]
-    CFt = matmul(moments.cross_covs, transpose(F))
-    V = moments.covs[1:] - CFt - transpose(CFt) + quad_form(F, moments.covs[:-1])
-    pred = matvec(F, m_prev) + c
-    return jnp.sum(expected_mvn_log_prob(m_next, symmetrize(V), pred, chol_S))
+    return jnp.sum(_transition_energies(moments, chain))
 
 
 def expected_potential_log_prob(moments: Moments, potentials: Potentials):
     """``Σ_t mask_t E[log N(mean_t; H_t z_t, cov_t)]`` under a Gaussian with ``moments``."""
-    num_steps = moments.means.shape[0]
-    y, R, H, mask = _masked_potentials(potentials, num_steps)
-    per_step = expected_mvn_log_prob(
-        matvec(H, moments.means), quad_form(H, moments.covs), y, cholesky(R)
-    )
-    return jnp.sum(jnp.where(mask, per_step, 0.0))
+    return jnp.sum(_node_energies(moments, potentials))
 
 
 def expected_log_joint(moments: Moments, chain: GaussMarkovChain, potentials: Potentials):
@@ -645,13 +680,24 @@ def expected_log_joint(moments: Moments, chain: GaussMarkovChain, potentials: Po
     Affine in the expected sufficient statistics ``E[z_t], E[z_t z_tᵀ], E[z_{t+1} z_tᵀ]``.
     For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``.
     """
-    initial = expected_mvn_log_prob(
-        moments.means[0], moments.covs[0], chain.initial_mean, cholesky(chain.initial_cov)
-    )
+    return _expected_log_joint_along(moments, None, 1.0, chain, potentials)
+
+
+def _expected_log_joint_along(moments, tangent, weight, chain, potentials):
+    """``w · expected_log_joint(moments) + (its derivative along tangent)``, in one pass.
+
+    Every term is ``E[log N(x; μ, Σ)] = −tr(Σ⁻¹ (V + e eᵀ))/2 − log det(2πΣ)/2`` with
+    ``e = E[x] − μ`` and ``V = Cov(x)``, affine in ``V`` and quadratic in ``e``: the
+    weighted value plus tangent is :func:`~numpyro_lds.linalg.gaussian_energy` of the
+    scatter ``w V + V̇ + w e eᵀ + ė eᵀ + e ėᵀ``, whose gradient w.r.t. ``Σ`` is
+    closed-form (reverse mode of a ``jax.jvp`` through a Cholesky factorization per step
+    cost 3.5× more at k = 4). ``tangent=None`` is the plain value.
+    """
+    weight = jnp.asarray(weight, moments.means.dtype)
     return (
-        initial
-        + expected_transition_log_prob(moments, chain)
-        + expected_potential_log_prob(moments, potentials)
+        _initial_energy(moments, chain, tangent, weight)
+        + jnp.sum(_transition_energies(moments, chain, tangent, weight))
+        + jnp.sum(_node_energies(moments, potentials, tangent, weight))
     )
 
 
@@ -749,10 +795,7 @@ def _posterior_stats_bwd(schedule, res, cotangent):
 
     def surrogate(chain, mean, cov, emission):
         pot = Potentials(mean, cov, emission, mask)
-        value, tangent = jax.jvp(
-            lambda m: expected_log_joint(m, chain, pot), (moments,), (moments_dot,)
-        )
-        return log_z_bar * value + tangent
+        return _expected_log_joint_along(moments, moments_dot, log_z_bar, chain, pot)
 
     g_chain, g_mean, g_cov, g_emission = jax.grad(surrogate, argnums=(0, 1, 2, 3))(
         chain, potentials.mean, potentials.cov, potentials.emission_matrix

@@ -257,3 +257,56 @@ def mvn_kl(m_q, chol_q, m_p, chol_p):
         + logdet_from_chol(chol_p)
         - logdet_from_chol(chol_q)
     )
+
+
+def _sum_to_shape(x, shape):
+    """Sum ``x`` over the axes that broadcasting added to an array of ``shape``."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    pairs = enumerate(zip(x.shape, shape, strict=True))
+    axes = tuple(i for i, (n, s) in pairs if s == 1 and n != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+@jax.custom_vjp
+def gaussian_energy(scatter, weight, cov):
+    """``−tr(cov⁻¹ scatter)/2 − weight · log det(2π cov)/2``, broadcasting over batch dims.
+
+    With ``scatter = w · E[(x − μ)(x − μ)ᵀ]`` this is ``w · E[log N(x; μ, cov)]``; every
+    expected Gaussian log-density is affine in ``(w, scatter)``. Its gradient is closed-form,
+    so reverse mode does not differentiate the Cholesky factorization of ``cov``:
+    ``∂/∂scatter = −cov⁻¹/2``, ``∂/∂weight = −log det(2π cov)/2`` and
+    ``∂/∂cov = (cov⁻¹ scatter cov⁻¹ − weight · cov⁻¹)/2`` (``cov`` symmetric).
+    """
+    return _gaussian_energy(scatter, weight, cholesky(cov))
+
+
+def _gaussian_energy(scatter, weight, chol):
+    k = chol.shape[-1]
+    log_det_2pi = k * math.log(2 * math.pi) + logdet_from_chol(chol)
+    return -0.5 * (trace_solve(chol, scatter) + weight * log_det_2pi)
+
+
+def _gaussian_energy_fwd(scatter, weight, cov):
+    chol = cholesky(cov)
+    return _gaussian_energy(scatter, weight, chol), (scatter, weight, cov, chol)
+
+
+def _gaussian_energy_bwd(res, g):
+    scatter, weight, cov, chol = res
+    k = cov.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=cov.dtype), cov.shape)
+    inv = symmetrize(cho_solve(chol, eye))
+    log_det_2pi = k * math.log(2 * math.pi) + logdet_from_chol(chol)
+    g = jnp.asarray(g)
+    cov_batch = cov.shape[:-2]
+    # Σ_t g_t cov⁻¹ S_t cov⁻¹: where cov is shared, the scatters are summed first.
+    g_scatter = _sum_to_shape(g[..., None, None] * symmetrize(scatter), cov_batch + (k, k))
+    g_weight = _sum_to_shape(g * weight, cov_batch)
+    d_cov = 0.5 * (matmul(inv, matmul(g_scatter, inv)) - g_weight[..., None, None] * inv)
+    d_scatter = _sum_to_shape(-0.5 * g[..., None, None] * inv, scatter.shape)
+    d_weight = _sum_to_shape(-0.5 * g * log_det_2pi, jnp.shape(weight))
+    return d_scatter, d_weight, _sum_to_shape(d_cov, cov.shape)
+
+
+gaussian_energy.defvjp(_gaussian_energy_fwd, _gaussian_energy_bwd)
