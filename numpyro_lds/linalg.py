@@ -259,7 +259,7 @@ def mvn_kl(m_q, chol_q, m_p, chol_p):
     )
 
 
-def _sum_to_shape(x, shape):
+def sum_to_shape(x, shape):
     """Sum ``x`` over the axes that broadcasting added to an array of ``shape``."""
     lead = x.ndim - len(shape)
     x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
@@ -292,21 +292,40 @@ def _gaussian_energy_fwd(scatter, weight, cov):
     return _gaussian_energy(scatter, weight, chol), (scatter, weight, cov, chol)
 
 
+def precision_from_chol(chol):
+    """``(chol @ cholᵀ)⁻¹``, symmetric."""
+    k = chol.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=chol.dtype), chol.shape)
+    return symmetrize(cho_solve(chol, eye))
+
+
+def gaussian_energy_cov_grad(precision, scatter, weight, g, cov_shape):
+    """``Σ g · ∂ gaussian_energy / ∂cov`` summed to ``cov_shape``: ``(Λ G Λ − w̄ Λ)/2``.
+
+    ``G = Σ g·scatter`` and ``w̄ = Σ g·weight`` are summed over the axes ``cov`` is shared
+    along before the products, so a shared covariance costs two products in all.
+    """
+    k = cov_shape[-1]
+    cov_batch = tuple(cov_shape[:-2])
+    # One g per term: every term counts, also where g or the weight is shared.
+    g = jnp.broadcast_to(g, jnp.broadcast_shapes(scatter.shape[:-2], jnp.shape(weight), cov_batch))
+    g_scatter = sum_to_shape(g[..., None, None] * symmetrize(scatter), cov_batch + (k, k))
+    g_weight = sum_to_shape(g * weight, cov_batch)
+    d_cov = 0.5 * (
+        matmul(precision, matmul(g_scatter, precision)) - g_weight[..., None, None] * precision
+    )
+    return sum_to_shape(d_cov, tuple(cov_shape))
+
+
 def _gaussian_energy_bwd(res, g):
     scatter, weight, cov, chol = res
     k = cov.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=cov.dtype), cov.shape)
-    inv = symmetrize(cho_solve(chol, eye))
+    inv = precision_from_chol(chol)
     log_det_2pi = k * math.log(2 * math.pi) + logdet_from_chol(chol)
     g = jnp.asarray(g)
-    cov_batch = cov.shape[:-2]
-    # Σ_t g_t cov⁻¹ S_t cov⁻¹: where cov is shared, the scatters are summed first.
-    g_scatter = _sum_to_shape(g[..., None, None] * symmetrize(scatter), cov_batch + (k, k))
-    g_weight = _sum_to_shape(g * weight, cov_batch)
-    d_cov = 0.5 * (matmul(inv, matmul(g_scatter, inv)) - g_weight[..., None, None] * inv)
-    d_scatter = _sum_to_shape(-0.5 * g[..., None, None] * inv, scatter.shape)
-    d_weight = _sum_to_shape(-0.5 * g * log_det_2pi, jnp.shape(weight))
-    return d_scatter, d_weight, _sum_to_shape(d_cov, cov.shape)
+    d_scatter = sum_to_shape(-0.5 * g[..., None, None] * inv, scatter.shape)
+    d_weight = sum_to_shape(-0.5 * g * log_det_2pi, jnp.shape(weight))
+    return d_scatter, d_weight, gaussian_energy_cov_grad(inv, scatter, weight, g, cov.shape)
 
 
 gaussian_energy.defvjp(_gaussian_energy_fwd, _gaussian_energy_bwd)

@@ -200,3 +200,63 @@ def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared):
         jax.tree.leaves(custom(chain, *pot)), jax.tree.leaves(plain(chain, *pot)), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])
+def test_written_out_surrogate_gradient_equals_reverse_mode(shared):
+    """The custom VJP's last step, the gradient of ``w·E[log joint] + its tangent`` w.r.t.
+    the dynamics and the potentials, is written out; against reverse mode of the same
+    expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks."""
+    from numpyro_lds.kalman import (
+        GaussMarkovChain,
+        Moments,
+        Potentials,
+        _expected_log_joint_along,
+        _expected_log_joint_along_grad,
+    )
+
+    rng = np.random.default_rng(2)
+    T, k, d = 9, 3, 2
+    n = 1 if shared else T - 1
+
+    def spd(*shape):
+        x = rng.normal(size=shape + (shape[-1],))
+        return jnp.asarray(x @ np.swapaxes(x, -1, -2) + shape[-1] * np.eye(shape[-1]))
+
+    chain = GaussMarkovChain(
+        jnp.asarray(rng.normal(size=k)),
+        spd(k),
+        jnp.asarray(rng.normal(size=(n, k, k))),
+        jnp.asarray(rng.normal(size=(n, k))),
+        spd(n, k),
+    )
+    pot = Potentials(
+        jnp.asarray(rng.normal(size=(T, d))),
+        spd(T, d),
+        jnp.asarray(rng.normal(size=(1 if shared else T, d, k))),
+        jnp.asarray(rng.uniform(size=T) > 0.3),
+    )
+    # Moments and a tangent need not be consistent: the expression is affine in them.
+    moments = Moments(jnp.asarray(rng.normal(size=(T, k))), spd(T, k), spd(T - 1, k))
+    tangent = Moments(
+        jnp.asarray(rng.normal(size=(T, k))),
+        jnp.asarray(_sym(rng.normal(size=(T, k, k)))),
+        jnp.asarray(rng.normal(size=(T - 1, k, k))),
+    )
+    weight = -0.7
+
+    def surrogate(chain, mean, cov, emission):
+        pot_ = Potentials(mean, cov, emission, pot.mask)
+        return _expected_log_joint_along(moments, tangent, weight, chain, pot_)
+
+    want_chain, *want_pot = jax.grad(surrogate, argnums=(0, 1, 2, 3))(
+        chain, pot.mean, pot.cov, pot.emission_matrix
+    )
+    have_chain, have_pot = _expected_log_joint_along_grad(moments, tangent, weight, chain, pot)
+    for have, want in zip(
+        jax.tree.leaves(have_chain) + list(have_pot[:3]),
+        jax.tree.leaves(want_chain) + want_pot,
+        strict=True,
+    ):
+        assert have.shape == want.shape
+        np.testing.assert_allclose(have, want, rtol=1e-10, atol=1e-12)
