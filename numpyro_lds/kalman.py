@@ -23,7 +23,11 @@ The three recursions over time (filter, chain moments, sampling) take a ``schedu
   García-Fernández 2021), ``O(log T)`` depth: for GPUs and long sequences.
 - ``"blocked"``: the same associative elements combined in a two-level scan: ``≈√T``
   blocks scanned side by side, then the block totals carried across blocks. ``O(√T)``
-  sequential steps of vectorized work, cheap to compile: for CPUs.
+  sequential steps of vectorized work, cheap to compile: for CPUs. It applies to the
+  filter; the affine recursions (chain moments, sampling, the gradient's tangents) run
+  as plain scans under it, since composing two affine maps is a matrix product where
+  applying one is a matrix-vector product (KL + gradient at ``T = 10⁴``, ``k = 4``:
+  37 → 26 ms).
 
 All three compute the same quantities; one driver (:func:`prefix_scan`) serves every
 recursion, so each recursion is written once as an associative operator.
@@ -252,7 +256,7 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential"
     """Marginal means, covariances and lag-one cross-covariances of a chain."""
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
     F, c, S = _transitions(chain, num_steps)
-    if schedule == "sequential":
+    if schedule != "parallel":
 
         def step(carry, x):
             m, P = carry
@@ -299,7 +303,7 @@ def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
 
 def _affine_recursion(x0, F, c, schedule):
     """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t`` (``F, c``: ``T - 1`` steps)."""
-    if schedule != "sequential":
+    if schedule == "parallel":
         first = _Affine(jnp.zeros(F.shape[1:], F.dtype), x0, None)
         return prefix_scan(_compose_affine, _cat_first(first, _Affine(F, c, None)), schedule).c
 
