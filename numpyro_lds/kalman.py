@@ -697,8 +697,8 @@ def _expected_log_joint_along(moments, tangent, weight, chain, potentials):
     ``e = E[x] − μ`` and ``V = Cov(x)``, affine in ``V`` and quadratic in ``e``: the
     weighted value plus tangent is :func:`~numpyro_lds.linalg.gaussian_energy` of the
     scatter ``w V + V̇ + w e eᵀ + ė eᵀ + e ėᵀ``, whose gradient w.r.t. ``Σ`` is
-    closed-form (reverse mode of a ``jax.jvp`` through a Cholesky factorization per step
-    cost 3.5× more at k = 4). ``tangent=None`` is the plain value.
+    closed-form; the custom VJP's backward pass uses the gradient written out,
+    :func:`_expected_log_joint_along_grad`. ``tangent=None`` is the plain value.
     """
     weight = jnp.asarray(weight, moments.means.dtype)
     return (
