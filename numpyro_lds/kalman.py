@@ -633,37 +633,61 @@ def _scatter(weight, e, e_dot, V):
     return V + weight * ee + cross + transpose(cross)
 
 
-def _initial_energy(moments, chain, tangent=None, weight=1.0):
-    """``E[log N(z_1; m_0, P_0)]`` (weighted, plus its tangent: see _expected_log_joint_along)."""
-    m_dot = None if tangent is None else tangent.means[0]
-    P = _along(weight, moments.covs[0], None if tangent is None else tangent.covs[0])
-    scatter = _scatter(weight, moments.means[0] - chain.initial_mean, m_dot, P)
-    return gaussian_energy(scatter, weight, symmetrize(chain.initial_cov))
+def _initial_residual(moments, chain, tangent, weight):
+    """The initial-state term's ``e = m_1 − m_0``, ``ė`` and ``V_w`` (see below)."""
+    e = moments.means[0] - chain.initial_mean
+    e_dot = None if tangent is None else tangent.means[0]
+    V = _along(weight, moments.covs[0], None if tangent is None else tangent.covs[0])
+    return e, e_dot, V
 
 
-def _transition_energies(moments, chain, tangent=None, weight=1.0):
-    """``E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` per step (weighted, plus tangent)."""
+def _transition_residuals(moments, chain, tangent, weight):
+    """The transition terms' ``F``, ``C_w``, ``F P_w`` (for the gradient) and ``e, ė, V_w``.
+
+    ``e_t = m_{t+1} − F_t m_t − c_t``, ``ė_t = ṁ_{t+1} − F_t ṁ_t`` and
+    ``V_t = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ``, at ``w ω + ω̇`` along a tangent.
+    """
     num_steps = moments.means.shape[0]
     F, c, _ = _transitions(chain, num_steps)
     m = moments.means
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     C = _along(weight, moments.cross_covs, None if tangent is None else tangent.cross_covs)
+    F_P = matmul(F, P[:-1])
     CFt = matmul(C, transpose(F))
-    V = P[1:] - CFt - transpose(CFt) + quad_form(F, P[:-1])
+    V = P[1:] - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
     e = m[1:] - matvec(F, m[:-1]) - c
     e_dot = None if tangent is None else tangent.means[1:] - matvec(F, tangent.means[:-1])
+    return F, C, F_P, e, e_dot, V
+
+
+def _node_residuals(moments, potentials, tangent, weight):
+    """The potentials' ``H P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``."""
+    num_steps = moments.means.shape[0]
+    y, _, H, _ = _masked_potentials(potentials, num_steps)
+    H_P = matmul(H, _along(weight, moments.covs, None if tangent is None else tangent.covs))
+    e = y - matvec(H, moments.means)
+    e_dot = None if tangent is None else -matvec(H, tangent.means)
+    return H_P, e, e_dot, symmetrize(matmul(H_P, transpose(H)))
+
+
+def _initial_energy(moments, chain, tangent=None, weight=1.0):
+    """``E[log N(z_1; m_0, P_0)]`` (weighted, plus its tangent: see _expected_log_joint_along)."""
+    scatter = _scatter(weight, *_initial_residual(moments, chain, tangent, weight))
+    return gaussian_energy(scatter, weight, symmetrize(chain.initial_cov))
+
+
+def _transition_energies(moments, chain, tangent=None, weight=1.0):
+    """``E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` per step (weighted, plus tangent)."""
+    *_, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
     # The covariance keeps its time axis of 1 when shared: factored once.
     return gaussian_energy(_scatter(weight, e, e_dot, V), weight, symmetrize(chain.transition_cov))
 
 
 def _node_energies(moments, potentials, tangent=None, weight=1.0):
     """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
-    num_steps = moments.means.shape[0]
-    y, R, H, mask = _masked_potentials(potentials, num_steps)
-    P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
-    e_dot = None if tangent is None else -matvec(H, tangent.means)
-    scatter = _scatter(weight, y - matvec(H, moments.means), e_dot, quad_form(H, P))
-    return jnp.where(mask, gaussian_energy(scatter, weight, R), 0.0)
+    _, R, _, mask = _masked_potentials(potentials, moments.means.shape[0])
+    _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
+    return jnp.where(mask, gaussian_energy(_scatter(weight, e, e_dot, V), weight, R), 0.0)
 
 
 def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
@@ -815,30 +839,20 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
     dtype = moments.means.dtype
     weight = jnp.asarray(weight, dtype)
     m, m_dot = moments.means, tangent.means
-    P_w = weight * moments.covs + tangent.covs
-    C_w = weight * moments.cross_covs + tangent.cross_covs
 
-    # Initial state: e = m_1 − m_0, ė = ṁ_1.
-    chol = cholesky(chain.initial_cov)
-    lam = precision_from_chol(chol)
-    e, e_dot = m[0] - chain.initial_mean, m_dot[0]
+    # Initial state.
+    e, e_dot, V = _initial_residual(moments, chain, tangent, weight)
+    lam = precision_from_chol(cholesky(chain.initial_cov))
     g_initial_mean = matvec(lam, weight * e + e_dot)
-    scatter = _scatter(weight, e, e_dot, P_w[0])
+    scatter = _scatter(weight, e, e_dot, V)
     g_initial_cov = gaussian_energy_cov_grad(lam, scatter, weight, 1.0, lam.shape)
 
-    # Transitions: e = m_{t+1} − F m_t − c, ė = ṁ_{t+1} − F ṁ_t,
-    # V_w = P_{t+1} − C Fᵀ − F Cᵀ + F P_t Fᵀ (along the line).
-    F, c, _ = _transitions(chain, num_steps)
+    # Transitions.
+    F, C_w, F_P, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
     lam = precision_from_chol(cholesky(chain.transition_cov))
-    CFt = matmul(C_w, transpose(F))
-    F_P = matmul(F, P_w[:-1])
-    V_w = P_w[1:] - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
-    e = m[1:] - matvec(F, m[:-1]) - c
-    e_dot = m_dot[1:] - matvec(F, m_dot[:-1])
     r = matvec(lam, weight * e + e_dot)
-    lam_e = matvec(lam, e)
-    g_F = _outer(r, m[:-1]) + _outer(lam_e, m_dot[:-1]) + matmul(lam, C_w - F_P)
-    scatter = _scatter(weight, e, e_dot, V_w)
+    g_F = _outer(r, m[:-1]) + _outer(matvec(lam, e), m_dot[:-1]) + matmul(lam, C_w - F_P)
+    scatter = _scatter(weight, e, e_dot, V)
     g_S = gaussian_energy_cov_grad(lam, scatter, weight, 1.0, chain.transition_cov.shape)
     g_chain = GaussMarkovChain(
         g_initial_mean,
@@ -848,12 +862,11 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
         g_S,
     )
 
-    # Potentials: e = y − H m, ė = −H ṁ, V_w = H P Hᵀ; masked steps contribute nothing.
-    y, R, H, mask = _masked_potentials(potentials, num_steps)
+    # Potentials; masked steps contribute nothing.
+    _, R, H, mask = _masked_potentials(potentials, num_steps)
+    H_P, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
     lam = precision_from_chol(cholesky(R))
-    e, e_dot = y - matvec(H, m), -matvec(H, m_dot)
-    H_P = matmul(H, P_w)
-    scatter = _scatter(weight, e, e_dot, symmetrize(matmul(H_P, transpose(H))))
+    scatter = _scatter(weight, e, e_dot, V)
     r = matvec(lam, weight * e + e_dot)
     g_H = _outer(r, m) + _outer(matvec(lam, e), m_dot) - matmul(lam, H_P)
     on = mask.astype(dtype)

@@ -281,15 +281,18 @@ def gaussian_energy(scatter, weight, cov):
     return _gaussian_energy(scatter, weight, cholesky(cov))
 
 
+def _log_det_2pi(chol):
+    """``log det(2π chol cholᵀ)``."""
+    return chol.shape[-1] * math.log(2 * math.pi) + logdet_from_chol(chol)
+
+
 def _gaussian_energy(scatter, weight, chol):
-    k = chol.shape[-1]
-    log_det_2pi = k * math.log(2 * math.pi) + logdet_from_chol(chol)
-    return -0.5 * (trace_solve(chol, scatter) + weight * log_det_2pi)
+    return -0.5 * (trace_solve(chol, scatter) + weight * _log_det_2pi(chol))
 
 
 def _gaussian_energy_fwd(scatter, weight, cov):
     chol = cholesky(cov)
-    return _gaussian_energy(scatter, weight, chol), (scatter, weight, cov, chol)
+    return _gaussian_energy(scatter, weight, chol), (scatter, weight, chol)
 
 
 def precision_from_chol(chol):
@@ -318,14 +321,12 @@ def gaussian_energy_cov_grad(precision, scatter, weight, g, cov_shape):
 
 
 def _gaussian_energy_bwd(res, g):
-    scatter, weight, cov, chol = res
-    k = cov.shape[-1]
+    scatter, weight, chol = res
     inv = precision_from_chol(chol)
-    log_det_2pi = k * math.log(2 * math.pi) + logdet_from_chol(chol)
     g = jnp.asarray(g)
     d_scatter = sum_to_shape(-0.5 * g[..., None, None] * inv, scatter.shape)
-    d_weight = sum_to_shape(-0.5 * g * log_det_2pi, jnp.shape(weight))
-    return d_scatter, d_weight, gaussian_energy_cov_grad(inv, scatter, weight, g, cov.shape)
+    d_weight = sum_to_shape(-0.5 * g * _log_det_2pi(chol), jnp.shape(weight))
+    return d_scatter, d_weight, gaussian_energy_cov_grad(inv, scatter, weight, g, chol.shape)
 
 
 gaussian_energy.defvjp(_gaussian_energy_fwd, _gaussian_energy_bwd)
