@@ -182,18 +182,50 @@ def prefix_scan(op, elems, schedule):
         return carry, carry
 
     first = jax.tree.map(lambda x: x[0], elems)
-    _, rest = _scan(step, first, jax.tree.map(lambda x: x[1:], elems))
+    _, rest = _scan(step, first, jax.tree.map(lambda x: x[1:], elems), n - 1)
     return _cat_first(first, rest)
 
 
-def _scan(step, init, xs):
-    """``lax.scan`` with its body traced as a loop body (see ``linalg.matmul``)."""
+def _scan(step, init, xs, length):
+    """``lax.scan`` of ``length`` steps, its body traced as a loop body (``linalg.matmul``).
 
-    def body(carry, x):
+    A leaf of ``xs`` with a time axis of length 1 is shared by every step: it is closed
+    over, never broadcast along time (a ``[T, k, k]`` copy per shared matrix, and its
+    reverse-mode cotangent accumulated in ``[1, k, k]``).
+    """
+    leaves, treedef = jax.tree.flatten(xs)
+    shared = [x.shape[0] == 1 != length for x in leaves]
+    scanned = [x for x, s in zip(leaves, shared, strict=True) if not s]
+    fixed = [x[0] for x, s in zip(leaves, shared, strict=True) if s]
+
+    def body(carry, xs_t):
+        it_t, it_fixed = iter(xs_t), iter(fixed)
+        x = [next(it_fixed) if s else next(it_t) for s in shared]
         with tracing(loop=True):
-            return step(carry, x)
+            return step(carry, jax.tree.unflatten(treedef, x))
 
-    return lax.scan(body, init, xs)
+    return lax.scan(body, init, scanned, length=length)
+
+
+def _from_start(step_x, num_steps):
+    """Scan inputs for a recursion whose outputs start at ``t = 1`` (the filter).
+
+    ``step_x`` are inputs of the steps ``t → t + 1`` (time axis ``T − 1``, or 1 when
+    shared); they gain a placeholder (zeros) at the front, so that step ``t`` of a scan
+    over all ``T`` steps reads step ``t − 1 → t``; the flag it gets first says ``t = 1``,
+    where the step starts from the initial value instead. The scan then writes all ``T``
+    outputs itself: no concatenation with the first element, which is a second
+    ``[T, k, k]`` buffer per output.
+    """
+
+    def pad(x):
+        return (
+            x
+            if x.shape[0] == 1
+            else jnp.concatenate([jnp.zeros_like(x, shape=(1,) + x.shape[1:]), x])
+        )
+
+    return (jnp.arange(num_steps) == 0,) + jax.tree.map(pad, step_x)
 
 
 def _blocked_prefix_scan(op, elems, n):
@@ -241,21 +273,26 @@ def _along_time(x, n):
     return jnp.broadcast_to(x, (n,) + x.shape[1:])
 
 
-def _transitions(chain, num_steps):
-    n = num_steps - 1
+def _transitions(chain):
+    """``F, c, S`` with their time axes as stored: ``T − 1``, or 1 when shared.
+
+    Shared ones are not broadcast along time: every product broadcasts them, and
+    :func:`_scan` closes over them.
+    """
     # Covariances enter only through their symmetric part, here as in every Cholesky
     # factor, so that gradients are the same whichever way they are computed.
-    return (
-        _along_time(chain.transition_matrix, n),
-        _along_time(chain.transition_offset, n),
-        _along_time(symmetrize(chain.transition_cov), n),
-    )
+    return chain.transition_matrix, chain.transition_offset, symmetrize(chain.transition_cov)
+
+
+def _transitions_along_time(chain, num_steps):
+    """``F, c, S`` broadcast to ``T − 1`` steps: the associative elements need each step."""
+    return tuple(_along_time(x, num_steps - 1) for x in _transitions(chain))
 
 
 def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential") -> Moments:
     """Marginal means, covariances and lag-one cross-covariances of a chain."""
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    F, c, S = _transitions(chain, num_steps)
+    F, c, S = _transitions(chain)
     if schedule != "parallel":
 
         def step(carry, x):
@@ -265,12 +302,13 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential"
             P_next = quad_form(F_t, P) + S_t
             return (m_next, P_next), (m_next, P_next)
 
-        _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S))
-        ms, Ps = jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps])
+        _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S), num_steps - 1)
+        ms, Ps = _cat_first((m0, P0), (ms, Ps))
     else:
         # z_t = (e_t ∘ … ∘ e_1)(·), e_1 = N(m0, P0) and e_t = N(F_{t-1} z + c_{t-1}, S_{t-1}).
         first = _Affine(jnp.zeros_like(P0), m0, P0)
-        marginals = prefix_scan(_compose_affine, _cat_first(first, _Affine(F, c, S)), schedule)
+        steps = _Affine(*_transitions_along_time(chain, num_steps))
+        marginals = prefix_scan(_compose_affine, _cat_first(first, steps), schedule)
         ms, Ps = marginals.c, marginals.S
     return Moments(ms, Ps, matmul(F, Ps[:-1]))
 
@@ -294,26 +332,27 @@ def chain_log_prob(chain: GaussMarkovChain, z):
 
 def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
     """Reparametrized draw: maps standard normal ``eps [T, k]`` to a chain path ``[T, k]``."""
-    num_steps = eps.shape[0]
-    F, c, _ = _transitions(chain, num_steps)
-    chol_S = _along_time(cholesky(chain.transition_cov), num_steps - 1)
+    F, c, _ = _transitions(chain)
     z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
-    return _affine_recursion(z0, F, c + matvec(chol_S, eps[1:]), schedule)
+    return _affine_recursion(z0, F, c + matvec(cholesky(chain.transition_cov), eps[1:]), schedule)
 
 
 def _affine_recursion(x0, F, c, schedule):
-    """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t`` (``F, c``: ``T - 1`` steps)."""
+    """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t`` (``c``: ``T − 1`` steps; ``F`` too,
+    or 1 when shared)."""
+    num_steps = c.shape[0] + 1
     if schedule == "parallel":
         first = _Affine(jnp.zeros(F.shape[1:], F.dtype), x0, None)
-        return prefix_scan(_compose_affine, _cat_first(first, _Affine(F, c, None)), schedule).c
+        steps = _Affine(_along_time(F, num_steps - 1), c, None)
+        return prefix_scan(_compose_affine, _cat_first(first, steps), schedule).c
 
     def step(x, inputs):
         F_t, c_t = inputs
         x = matvec(F_t, x) + c_t
         return x, x
 
-    _, xs = _scan(step, x0, (F, c))
-    return jnp.concatenate([x0[None], xs])
+    _, xs = _scan(step, x0, (F, c), num_steps - 1)
+    return _cat_first(x0, xs)
 
 
 def chain_entropy(chain: GaussMarkovChain, num_steps: int):
@@ -398,7 +437,8 @@ def _combine_filter(e1, e2):
 def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
     num_steps = y.shape[0]
     k = chain.initial_mean.shape[-1]
-    F, c, S = _transitions(chain, num_steps)
+    F, c, S = _transitions_along_time(chain, num_steps)
+    H = _along_time(H, num_steps)
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
     u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
     # Step t ≥ 2, given z_{t-1}: the prediction N(F z + c, S) conditioned on potential t.
@@ -421,15 +461,18 @@ def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
     return _cat_first(first, steps)
 
 
-def _masked_potentials(potentials: Potentials, num_steps: int):
-    """Neutral values at masked steps, so no NaN from unused inputs reaches a gradient."""
+def _masked_potentials(potentials: Potentials):
+    """Neutral values at masked steps, so no NaN from unused inputs reaches a gradient.
+
+    ``H`` keeps its time axis of 1 when shared.
+    """
     d = potentials.mean.shape[-1]
     mask = potentials.mask
     eye = jnp.eye(d, dtype=potentials.mean.dtype)
     return (
         jnp.where(mask[:, None], potentials.mean, 0.0),
         jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye),
-        _along_time(potentials.emission_matrix, num_steps),
+        potentials.emission_matrix,
         mask,
     )
 
@@ -442,14 +485,13 @@ def kalman_filter(
 
 
 def _filter(chain, potentials, schedule) -> FilterResult:
-    num_steps = potentials.mean.shape[0]
-    y, R, H, mask = _masked_potentials(potentials, num_steps)
+    y, R, H, mask = _masked_potentials(potentials)
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
     if schedule != "sequential":
         elements = _filter_elements(chain, y, R, H, mask)
         filtered = prefix_scan(_combine_filter, elements, schedule)
         mf, Pf = filtered.b, filtered.C
-        F, c, S = _transitions(chain, num_steps)
+        F, c, S = _transitions(chain)
         mp = matvec(F, mf[:-1]) + c
         Pp = quad_form(F, Pf[:-1]) + S
         return FilterResult(_cat_first(m0, mp), _cat_first(P0, Pp), mf, Pf, filtered.log_c[-1])
@@ -460,23 +502,18 @@ def _filter(chain, potentials, schedule) -> FilterResult:
 def _sequential_filter(chain, y, R, H, mask) -> FilterResult:
     num_steps = y.shape[0]
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
-    mf0, Pf0 = u0.mean, u0.cov
 
     def step(carry, x):
         m, P = carry
-        F, c, S, y_t, R_t, H_t, o_t = x
-        mp = matvec(F, m) + c
-        Pp = quad_form(F, P) + S
+        first, F, c, S, y_t, R_t, H_t, o_t = x
+        mp = jnp.where(first, m0, matvec(F, m) + c)
+        Pp = jnp.where(first, P0, quad_form(F, P) + S)
         u = _condition(mp, Pp, y_t, R_t, H_t, o_t)
         return (u.mean, u.cov), (mp, Pp, u.mean, u.cov, u.log_lik)
 
-    xs = _transitions(chain, num_steps) + (y[1:], R[1:], H[1:], mask[1:])
-    _, (mp, Pp, mf, Pf, ll) = _scan(step, (mf0, Pf0), xs)
-    cat = _cat_first
-    return FilterResult(
-        cat(m0, mp), cat(P0, Pp), cat(mf0, mf), cat(Pf0, Pf), u0.log_lik + jnp.sum(ll)
-    )
+    xs = _from_start(_transitions(chain), num_steps) + (y, R, H, mask)
+    _, (mp, Pp, mf, Pf, ll) = _scan(step, (m0, P0), xs, num_steps)
+    return FilterResult(mp, Pp, mf, Pf, jnp.sum(ll))
 
 
 def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovChain:
@@ -487,8 +524,8 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     the Joseph form ``(I − G_t F_t) P^f_t (·)ᵀ + G_t S_t G_tᵀ``, PSD by construction.
     None of these depend on the backward pass, so they are computed for all t at once.
     """
-    num_steps, k = filtered.filtered_means.shape
-    F, _, S = _transitions(chain, num_steps)
+    k = filtered.filtered_means.shape[-1]
+    F, _, S = _transitions(chain)
     mf, Pf = filtered.filtered_means[:-1], filtered.filtered_covs[:-1]
     mp, Pp = filtered.predicted_means[1:], filtered.predicted_covs[1:]
     G, _ = _rts_gain(F, Pf, Pp)
@@ -531,8 +568,8 @@ def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) 
     computed (returned as 0).
     """
     num_steps, k = filtered.filtered_means.shape
-    y, R, H, mask = _masked_potentials(potentials, num_steps)
-    F, _, _ = _transitions(chain, num_steps)
+    y, R, H, mask = _masked_potentials(potentials)
+    F, _, _ = _transitions(chain)
     mp, Pp = filtered.predicted_means, filtered.predicted_covs
     mf, Pf = filtered.filtered_means, filtered.filtered_covs
     # The update's gain (0 at unobserved steps) and innovation factor, for all steps at
@@ -585,7 +622,7 @@ def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -
     ``schedule``. Replaces ``jax.jvp`` through the smoother, which cost 4-10 forward passes.
     """
     num_steps = filtered.filtered_means.shape[0]
-    F, _, _ = _transitions(chain, num_steps)
+    F, _, _ = _transitions(chain)
     Pf = filtered.filtered_covs[:-1]
     mp, Pp = filtered.predicted_means[1:], filtered.predicted_covs[1:]
     mf_dot, Pf_dot = filtered_dot.filtered_means, filtered_dot.filtered_covs
@@ -647,8 +684,7 @@ def _transition_residuals(moments, chain, tangent, weight):
     ``e_t = m_{t+1} − F_t m_t − c_t``, ``ė_t = ṁ_{t+1} − F_t ṁ_t`` and
     ``V_t = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ``, at ``w ω + ω̇`` along a tangent.
     """
-    num_steps = moments.means.shape[0]
-    F, c, _ = _transitions(chain, num_steps)
+    F, c, _ = _transitions(chain)
     m = moments.means
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     C = _along(weight, moments.cross_covs, None if tangent is None else tangent.cross_covs)
@@ -662,8 +698,7 @@ def _transition_residuals(moments, chain, tangent, weight):
 
 def _node_residuals(moments, potentials, tangent, weight):
     """The potentials' ``H P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``."""
-    num_steps = moments.means.shape[0]
-    y, _, H, _ = _masked_potentials(potentials, num_steps)
+    y, _, H, _ = _masked_potentials(potentials)
     H_P = matmul(H, _along(weight, moments.covs, None if tangent is None else tangent.covs))
     e = y - matvec(H, moments.means)
     e_dot = None if tangent is None else -matvec(H, tangent.means)
@@ -685,7 +720,7 @@ def _transition_energies(moments, chain, tangent=None, weight=1.0):
 
 def _node_energies(moments, potentials, tangent=None, weight=1.0):
     """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
-    _, R, _, mask = _masked_potentials(potentials, moments.means.shape[0])
+    _, R, _, mask = _masked_potentials(potentials)
     _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
     return jnp.where(mask, gaussian_energy(_scatter(weight, e, e_dot, V), weight, R), 0.0)
 
@@ -807,12 +842,11 @@ def _natural_from_moments(moments: Moments):
 def _posterior_stats_bwd(schedule, res, cotangent):
     chain, potentials, moments, filtered = res
     moments_bar, log_z_bar = cotangent
-    num_steps = moments.means.shape[0]
     natural = _natural_from_moments(moments)
     # The cotangent as a direction in natural coordinates: log q gains
     # ε (d_lin·z_t + z_tᵀ d_quad z_t + z_{t+1}ᵀ d_cross z_t).
     d_lin, d_quad, d_cross = jax.vjp(_moments_from_natural, *natural)[1](moments_bar)
-    F, c, S = _transitions(chain, num_steps)
+    F, c, S = _transitions(chain)
     # The pairwise term enters as F → F + ε S d_cross, which adds ε z_{t+1}ᵀ d_cross z_t;
     # the node terms J, h cancel what that change adds on z_t alone.
     F_dot = matmul(S, d_cross)
@@ -835,7 +869,6 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
     product into reductions that XLA's CPU backend hands to a library call one by one
     (2× slower at k = 4).
     """
-    num_steps = moments.means.shape[0]
     dtype = moments.means.dtype
     weight = jnp.asarray(weight, dtype)
     m, m_dot = moments.means, tangent.means
@@ -863,7 +896,7 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
     )
 
     # Potentials; masked steps contribute nothing.
-    _, R, H, mask = _masked_potentials(potentials, num_steps)
+    _, R, H, mask = _masked_potentials(potentials)
     H_P, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
     lam = precision_from_chol(cholesky(R))
     scatter = _scatter(weight, e, e_dot, V)
