@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -138,7 +139,15 @@ def test_kl_terms_match_dense(case):
 
 def test_fast_path_equals_general_formula(case):
     prior, post = _make(case)
-    np.testing.assert_allclose(post.kl_to_prior(), kl_divergence(post, prior), rtol=RTOL)
+    general = kl_terms(post, prior).kl  # Terms A-C, checked against dense above
+    np.testing.assert_allclose(post.kl_to_prior(), general, rtol=RTOL)
+    # post.prior is prior: kl_divergence takes the fast path; a prior rebuilt from the
+    # same parameters is another object and takes the general formula.
+    assert post.prior is prior
+    np.testing.assert_allclose(kl_divergence(post, prior), general, rtol=RTOL)
+    rebuilt = jax.tree.map(jnp.array, prior)  # copies of every parameter
+    assert rebuilt is not prior
+    np.testing.assert_allclose(kl_divergence(post, rebuilt), general, rtol=RTOL)
 
 
 def test_kl_of_a_distribution_with_itself_is_zero(case):

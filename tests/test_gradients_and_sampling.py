@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 from numpyro.distributions.kl import kl_divergence
 
 from helpers import random_posterior, random_prior
-from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
+from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
 
 PRIOR_FIELDS = (
     "initial_mean",
@@ -64,6 +64,44 @@ def test_kl_gradient_wrt_every_input_matches_finite_differences(p_kind):
         return kl_divergence(q, p)
 
     check_grads(kl, (params,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_kl_to_own_prior_shortcut_gradient_equals_general_formula():
+    """``kl_divergence(q, q.prior)`` takes ``Σ E_q log φ − log Z``; its gradient w.r.t. every
+    input (the prior's parameters reach it through q and p) must be the general formula's."""
+    rng = np.random.default_rng(1)
+    T, k, d = 4, 2, 3
+    prior = random_prior(rng, k, T)
+    post = random_posterior(rng, prior, d=d, mask=True)
+    params = {
+        "prior": {f: getattr(prior, f) for f in PRIOR_FIELDS},
+        "y": post.potential_mean,
+        "R": post.potential_cov,
+        "H": post.emission_matrix,
+    }
+
+    def posterior(params):
+        return LDSPosterior(
+            _prior_from(params["prior"], T),
+            params["y"],
+            _sym(params["R"]),
+            emission_matrix=params["H"],
+            mask=post.potential_mask,
+        )
+
+    def shortcut(params):
+        q = posterior(params)
+        return kl_divergence(q, q.prior)
+
+    def general(params):
+        q = posterior(params)
+        return kl_terms(q, q.prior).kl
+
+    np.testing.assert_allclose(shortcut(params), general(params), rtol=1e-10)
+    grads = jax.grad(shortcut)(params), jax.grad(general)(params)
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+    check_grads(shortcut, (params,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["prior", "posterior"])
