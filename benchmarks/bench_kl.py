@@ -190,7 +190,7 @@ def plot(rows, out):
                     marker="o",
                     ms=3,
                     label=name,
-                    color=f"C{m_idx % 10}",
+                    color=plt.get_cmap("tab20")(m_idx % 20),
                 )
         if not ax.lines:
             ax.set_axis_off()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark run whose results are committed in benchmarks/results/ (bench_kl.*).
-# Needs the optional peers: pip install -e ".[bench]". About 25 minutes on a 2-core machine;
+# Needs the optional peers: pip install -e ".[bench]". About 30 minutes on a 2-core machine;
 # run it alone (other load on the cores distorts the timings).
 #   bash benchmarks/run_cpu.sh 2>&1 | tee benchmarks/results/bench_kl.log
 set -euxo pipefail

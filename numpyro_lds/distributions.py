@@ -712,6 +712,7 @@ class LDSPosterior(_ChainDistribution):
 
         Cheaper than the general closed form (:func:`numpyro_lds.kl_terms`), which it
         equals; it holds only against the very prior that the potentials condition.
+        ``kl_divergence(q, q.prior)`` uses it (when the prior is that same object).
         """
         return self._map(type(self)._single_kl_to_prior)
 
