@@ -7,7 +7,9 @@ second, equal prior object, as in SVI (the model's prior and the guide's are sep
 objects), which takes the general formula. Peers (optional extra ``bench``; skipped with a
 message if missing): dynamax's sequential ``lgssm_smoother`` and its parallel smoother (up
 to ``--dynamax-parallel-max-T``: on a 2-core CPU it hangs at T = 10 000) and TFP's
-``posterior_marginals``.
+``posterior_marginals``. The peers solve the same problem as ours: each sequence's
+potentials are their time-varying emissions (covariances ``diag(var_t)``), and their
+smoothed means are checked against ours (column ``max_abs_diff_means``).
 Each function is jitted; compile time (lowering + XLA compilation) is reported apart from
 the steady state, the median of ``--repeats`` calls after a warm-up call. Reported: ns per
 sequence-step, the ratio to dynamax's sequential smoother, and XLA's memory estimate
@@ -87,34 +89,42 @@ def ours(p, schedule):
 
 
 def dynamax_fns(p, parallel):
+    """dynamax's smoothers on the same problem: the potentials as time-varying emissions.
+
+    Each sequence's potential covariances ``diag(var_t)`` are its emission covariances
+    (``[T, k, k]``, vmapped with the data), so the covariance recursion is per sequence, as
+    in ours. "(R shared)" is the problem of earlier runs, kept for batches only: one fixed
+    emission covariance, whose covariance recursion does not depend on the data, so that
+    ``vmap`` computes it once for the whole batch (a different, easier problem).
+    """
     try:
-        from dynamax.linear_gaussian_ssm import LinearGaussianSSM, lgssm_smoother
+        from dynamax.linear_gaussian_ssm import lgssm_smoother
+        from dynamax.linear_gaussian_ssm.inference import make_lgssm_params
         from dynamax.linear_gaussian_ssm.parallel_inference import lgssm_smoother as par_smoother
     except Exception as e:  # noqa: BLE001 - any import failure means "skip this peer"
         print(f"skipping dynamax: {type(e).__name__}: {e}")
         return {}
     k = p["m0"].shape[0]
-    model = LinearGaussianSSM(state_dim=k, emission_dim=k)
-    params, _ = model.initialize(
-        jax.random.key(0),
-        initial_mean=p["m0"],
-        initial_covariance=p["P0"],
-        dynamics_weights=p["A"],
-        dynamics_covariance=p["Q"],
-        emission_weights=jnp.eye(k, dtype=p["A"].dtype),
-        emission_covariance=jnp.eye(k, dtype=p["A"].dtype),
-    )
+    eye = jnp.eye(k, dtype=p["A"].dtype)
 
-    def seq(y, var):
-        return jax.vmap(lambda yy: lgssm_smoother(params, yy).smoothed_means)(y)
+    def params(emission_cov):
+        return make_lgssm_params(p["m0"], p["P0"], p["A"], p["Q"], eye, emission_cov)
 
-    out = {"dynamax smoother (sequential)": (seq, (p["y"], p["var"]))}
+    def smoother(run):
+        def fn(y, var):
+            one = lambda yy, vv: run(params(jax.vmap(jnp.diag)(vv)), yy).smoothed_means  # noqa: E731
+            return jax.vmap(one)(y, var)
+
+        return fn
+
+    def shared(y, var):
+        return jax.vmap(lambda yy: lgssm_smoother(params(eye), yy).smoothed_means)(y)
+
+    out = {"dynamax smoother (sequential)": (smoother(lgssm_smoother), (p["y"], p["var"]))}
     if parallel:
-
-        def par(y, var):
-            return jax.vmap(lambda yy: par_smoother(params, yy).smoothed_means)(y)
-
-        out["dynamax smoother (parallel)"] = (par, (p["y"], p["var"]))
+        out["dynamax smoother (parallel)"] = (smoother(par_smoother), (p["y"], p["var"]))
+    if p["y"].shape[0] > 1:
+        out["dynamax smoother (sequential, R shared)"] = (shared, (p["y"], p["var"]))
     return out
 
 
@@ -134,16 +144,17 @@ def tfp_fns(p):
             transition_matrix=tfp.tf2jax.linalg.LinearOperatorFullMatrix(p["A"]),
             transition_noise=tfd.MultivariateNormalTriL(scale_tril=jnp.linalg.cholesky(p["Q"])),
             observation_matrix=tfp.tf2jax.linalg.LinearOperatorIdentity(k, dtype=p["A"].dtype),
-            observation_noise=tfd.MultivariateNormalDiag(scale_diag=jnp.ones(k, p["A"].dtype)),
+            # The potentials, step by step (as dynamax_fns).
+            observation_noise=lambda t: tfd.MultivariateNormalDiag(scale_diag=jnp.sqrt(var[t])),
             initial_state_prior=tfd.MultivariateNormalTriL(p["m0"], jnp.linalg.cholesky(p["P0"])),
         )
         return lgssm.posterior_marginals(y)[0]
 
-    return {"TFP posterior_marginals": (marginals, (p["y"], p["var"]))}
+    return {"TFP posterior_marginals": (jax.vmap(marginals), (p["y"], p["var"]))}
 
 
 def measure(fn, args, repeats):
-    """(compile seconds, steady-state median seconds, XLA memory estimate in bytes)."""
+    """(compile seconds, steady-state median seconds, XLA memory estimate in bytes, output)."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -151,13 +162,21 @@ def measure(fn, args, repeats):
     peak = None
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    jax.block_until_ready(compiled(*args))  # warm-up
+    output = jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), peak
+    return compile_s, statistics.median(times), peak, output
+
+
+def posterior_means(p):
+    """Our smoothed means, which every peer's output is checked against."""
+    T = p["y"].shape[1]
+    prior = LinearGaussianStateSpace(p["m0"], p["P0"], p["A"], p["Q"], num_steps=T)
+    mean = jax.jit(lambda y, var: LDSPosterior(prior, y, potential_var=var).mean)
+    return mean(p["y"], p["var"])
 
 
 def plot(rows, out):
@@ -238,13 +257,18 @@ def main(args):
                         fns.update(dynamax_fns(p, T <= args.dynamax_parallel_max_T))
                         fns.update(tfp_fns(p))
                     base, new_rows = None, []
+                    reference = None if args.skip_peers else posterior_means(p)
                     for name, (fn, fargs) in fns.items():
                         if name in last and last[name][1] * T / last[name][0] > args.budget_s:
                             print(f"skip {name} at T={T}: over the {args.budget_s} s budget")
                             continue
-                        compile_s, med, peak = measure(fn, fargs, args.repeats)
+                        compile_s, med, peak, output = measure(fn, fargs, args.repeats)
                         last[name] = (T, med)
-                        if name.startswith("dynamax smoother (sequential)"):
+                        # Same problem, same answer: a peer's smoothed means against ours.
+                        diff = None
+                        if not name.startswith("numpyro_lds") and "R shared" not in name:
+                            diff = float(jnp.max(jnp.abs(output - reference)))
+                        if name == "dynamax smoother (sequential)":
                             base = med
                         new_rows.append(
                             dict(
@@ -257,12 +281,14 @@ def main(args):
                                 median_ms=round(med * 1e3, 3),
                                 ns_per_step=round(med / (T * batch) * 1e9, 1),
                                 peak_mb=None if peak is None else round(peak / 2**20, 1),
+                                max_abs_diff_means=None if diff is None else f"{diff:.1e}",
                             )
                         )
                         print(
                             f"{dtype_name} B={batch} k={k} T={T} {name:48s} "
                             f"compile {compile_s:6.2f}s  median {med * 1e3:9.2f} ms  "
-                            f"{med / (T * batch) * 1e9:9.0f} ns/step",
+                            f"{med / (T * batch) * 1e9:9.0f} ns/step"
+                            + ("" if diff is None else f"  max |Δmean| vs ours {diff:.1e}"),
                             flush=True,
                         )
                     if base is None:  # peers skipped: the dynamax row of an earlier run
@@ -294,7 +320,7 @@ def write(rows, out, device):
     """CSV, markdown table and plot of all rows so far (rewritten after every size)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0].keys())
+    fields = list(dict.fromkeys(c for r in rows for c in r))
     with open(out / "bench_kl.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
