@@ -38,6 +38,7 @@ __all__ = ["LDSPosterior", "LinearGaussianStateSpace"]
 # per-sequence (event) ndims of each field, the structure batch_map expects
 _CHAIN_NDIMS = GaussMarkovChain._make((1, 2, 3, 2, 3))
 _POTENTIAL_NDIMS = Potentials._make((2, 3, 3, 1))
+_DIAGONAL_POTENTIAL_NDIMS = Potentials._make((2, 2, 3, 1))
 
 
 # --------------------------------------------------------------------------- checks
@@ -530,7 +531,9 @@ class LDSPosterior(_ChainDistribution):
       prior: the LDS prior that the potentials condition.
       potential_mean: pseudo-observations ``y_t``.
       potential_cov: their full covariances ``R_t``.
-      potential_var: their variances (diagonal ``R_t``).
+      potential_var: their variances (diagonal ``R_t``), kept diagonal throughout: no
+        ``d × d`` covariance is formed, factorized or differentiated (faster and smaller
+        than the same potentials as ``potential_cov``; an encoder's usual output).
       emission_matrix: ``H``.
       mask: False where a step has no potential.
       schedule: as for :class:`LinearGaussianStateSpace`; None takes the prior's.
@@ -650,11 +653,9 @@ class LDSPosterior(_ChainDistribution):
 
     def _potentials(self):
         T, k = self.event_shape
-        d = self.potential_mean.shape[-1]
         dtype = self.potential_mean.dtype
-        cov = self.potential_cov
-        if cov is None:
-            cov = self.potential_var[..., None] * jnp.eye(d, dtype=dtype)
+        # Variances stay a [T, d] diagonal: no d x d covariance is formed or factorized.
+        cov = self.potential_var if self.potential_cov is None else self.potential_cov
         H = self.emission_matrix
         if H is None:
             H = jnp.eye(k, dtype=dtype)[None]
@@ -665,7 +666,8 @@ class LDSPosterior(_ChainDistribution):
 
     def _core_args(self):
         chain, chain_ndims = self.prior._core_args()
-        return (chain, self._potentials()), (chain_ndims, _POTENTIAL_NDIMS)
+        ndims = _POTENTIAL_NDIMS if self.potential_var is None else _DIAGONAL_POTENTIAL_NDIMS
+        return (chain, self._potentials()), (chain_ndims, ndims)
 
     @classmethod
     def _single_chain(cls, args, num_steps, schedule):

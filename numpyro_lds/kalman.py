@@ -102,10 +102,14 @@ class GaussMarkovChain(NamedTuple):
 
 
 class Potentials(NamedTuple):
-    """Gaussian potentials ``N(mean_t; H_t z_t, cov_t)`` (time axis of ``H`` is ``T`` or 1)."""
+    """Gaussian potentials ``N(mean_t; H_t z_t, cov_t)`` (time axis of ``H`` is ``T`` or 1).
+
+    ``cov`` is ``[T, d, d]``, or ``[T, d]`` for diagonal covariances (their variances):
+    then no ``d × d`` covariance is formed, factorized or differentiated.
+    """
 
     mean: jnp.ndarray  # [T, d]
-    cov: jnp.ndarray  # [T, d, d]
+    cov: jnp.ndarray  # [T, d, d], or [T, d]: diagonal
     emission_matrix: jnp.ndarray  # [T or 1, d, k]
     mask: jnp.ndarray  # [T] bool; False: no potential at that step
 
@@ -369,16 +373,27 @@ class _Update(NamedTuple):
     chol_S: jnp.ndarray  # S = H P Hᵀ + R
 
 
+def _is_diagonal(R, y):
+    """Whether the potentials' covariances ``R`` are given by their diagonals (``[.., d]``)."""
+    return R.ndim == y.ndim
+
+
 def _condition(m, P, y, R, H, observed) -> _Update:
-    """Condition ``N(m, P)`` on ``N(y; H z, R)``: Kalman update in Joseph form."""
-    k = m.shape[-1]
+    """Condition ``N(m, P)`` on ``N(y; H z, R)``: Kalman update in Joseph form.
+
+    ``R`` is ``[.., d, d]``, or ``[.., d]`` (the variances of a diagonal ``R``).
+    """
+    k, d = m.shape[-1], y.shape[-1]
     Hm = matvec(H, m)
-    chol_S = cholesky(quad_form(H, P) + R)
+    diagonal = _is_diagonal(R, y)
+    R_full = R[..., None] * jnp.eye(d, dtype=R.dtype) if diagonal else R
+    chol_S = cholesky(quad_form(H, P) + R_full)
     K = transpose(cho_solve(chol_S, matmul(H, P)))  # P Hᵀ S⁻¹
     I_KH = jnp.eye(k, dtype=m.dtype) - matmul(K, H)
     m_new = m + matvec(K, y - Hm)
     # Joseph form: a sum of two PSD terms, so P_new stays PSD under round-off.
-    P_new = quad_form(I_KH, P) + quad_form(K, R)
+    K_R_Kt = symmetrize(matmul(K * R[..., None, :], transpose(K))) if diagonal else quad_form(K, R)
+    P_new = quad_form(I_KH, P) + K_R_Kt
     ll = mvn_log_prob(y, Hm, chol_S)
     o_vec, o_mat = observed[..., None], observed[..., None, None]
     return _Update(
@@ -464,17 +479,16 @@ def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
 def _masked_potentials(potentials: Potentials):
     """Neutral values at masked steps, so no NaN from unused inputs reaches a gradient.
 
-    ``H`` keeps its time axis of 1 when shared.
+    ``H`` keeps its time axis of 1 when shared; diagonal covariances stay diagonal.
     """
     d = potentials.mean.shape[-1]
     mask = potentials.mask
     eye = jnp.eye(d, dtype=potentials.mean.dtype)
-    return (
-        jnp.where(mask[:, None], potentials.mean, 0.0),
-        jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye),
-        potentials.emission_matrix,
-        mask,
-    )
+    if _is_diagonal(potentials.cov, potentials.mean):
+        R = jnp.where(mask[:, None], potentials.cov, 1.0)
+    else:
+        R = jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye)
+    return (jnp.where(mask[:, None], potentials.mean, 0.0), R, potentials.emission_matrix, mask)
 
 
 def kalman_filter(
@@ -670,6 +684,12 @@ def _scatter(weight, e, e_dot, V):
     return V + weight * ee + cross + transpose(cross)
 
 
+def _scatter_diagonal(weight, e, e_dot, V):
+    """The diagonal of :func:`_scatter`."""
+    diag_V = jnp.diagonal(V, axis1=-2, axis2=-1)
+    return diag_V + weight * e * e if e_dot is None else diag_V + (weight * e + 2 * e_dot) * e
+
+
 def _initial_residual(moments, chain, tangent, weight):
     """The initial-state term's ``e = m_1 − m_0``, ``ė`` and ``V_w`` (see below)."""
     e = moments.means[0] - chain.initial_mean
@@ -720,9 +740,16 @@ def _transition_energies(moments, chain, tangent=None, weight=1.0):
 
 def _node_energies(moments, potentials, tangent=None, weight=1.0):
     """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
-    _, R, _, mask = _masked_potentials(potentials)
+    y, R, _, mask = _masked_potentials(potentials)
     _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
-    return jnp.where(mask, gaussian_energy(_scatter(weight, e, e_dot, V), weight, R), 0.0)
+    if _is_diagonal(R, y):
+        # Only the scatter's diagonal enters: −Σ_i S_ii / r_i / 2 − w Σ_i log(2π r_i) / 2.
+        energy = -0.5 * sum_last(
+            _scatter_diagonal(weight, e, e_dot, V) / R + weight * jnp.log(2 * math.pi * R)
+        )
+    else:
+        energy = gaussian_energy(_scatter(weight, e, e_dot, V), weight, R)
+    return jnp.where(mask, energy, 0.0)
 
 
 def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
@@ -896,16 +923,24 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
     )
 
     # Potentials; masked steps contribute nothing.
-    _, R, H, mask = _masked_potentials(potentials)
+    y, R, H, mask = _masked_potentials(potentials)
     H_P, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
-    lam = precision_from_chol(cholesky(R))
-    scatter = _scatter(weight, e, e_dot, V)
-    r = matvec(lam, weight * e + e_dot)
-    g_H = _outer(r, m) + _outer(matvec(lam, e), m_dot) - matmul(lam, H_P)
     on = mask.astype(dtype)
+    if _is_diagonal(R, y):
+        # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
+        lam = 1.0 / R
+        r = lam * (weight * e + e_dot)
+        g_H = _outer(r, m) + _outer(lam * e, m_dot) - lam[..., None] * H_P
+        scatter = _scatter_diagonal(weight, e, e_dot, V)
+        g_R = 0.5 * on[:, None] * (lam * lam * scatter - weight * lam)
+    else:
+        lam = precision_from_chol(cholesky(R))
+        r = matvec(lam, weight * e + e_dot)
+        g_H = _outer(r, m) + _outer(matvec(lam, e), m_dot) - matmul(lam, H_P)
+        g_R = gaussian_energy_cov_grad(lam, _scatter(weight, e, e_dot, V), weight, on, R.shape)
     g_potentials = Potentials(
         on[:, None] * -r,
-        gaussian_energy_cov_grad(lam, scatter, weight, on, R.shape),
+        g_R,
         sum_to_shape(on[:, None, None] * g_H, potentials.emission_matrix.shape),
         np.zeros(mask.shape, dtype=jax.dtypes.float0),
     )

@@ -73,11 +73,14 @@ def dense(dist):
         if isinstance(dist, LDSPosterior):
             pot = dist._potentials()
             y = _select(pot.mean, idx, 2)
+            R = pot.cov  # variances [.., T, d] for diagonal potentials
+            if dist.potential_var is not None:
+                R = np.asarray(R)[..., None] * np.eye(R.shape[-1])
             mean, cov, log_z = ref.condition_joint(
                 mean,
                 cov,
                 y,
-                _select(pot.cov, idx, 3),
+                _select(R, idx, 3),
                 _select(pot.emission_matrix, idx, 3),
                 np.broadcast_to(_select(pot.mask, idx, 1), (T,)),
                 k,

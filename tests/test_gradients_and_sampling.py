@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,12 +196,16 @@ def test_distributions_are_pytrees_under_jit_and_vmap():
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "blocked", "parallel"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_dynamics", "time_varying"])
-def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared):
+@pytest.mark.parametrize(
+    "shared, diagonal",
+    [(True, False), (False, False), (False, True)],
+    ids=["shared_dynamics", "time_varying", "diagonal_potentials"],
+)
+def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared, diagonal):
     """posterior_stats' custom VJP (Fisher identity + forward-mode pass) against plain
     reverse-mode autodiff of the same filter and smoother, for random cotangents on the
     moments and the log-normalizer, w.r.t. every input (dynamics, initial state,
-    potentials, emission matrix); masked steps included."""
+    potentials with full or diagonal covariances, emission matrix); masked steps included."""
     from numpyro_lds.kalman import (
         GaussMarkovChain,
         Potentials,
@@ -220,7 +226,11 @@ def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared):
     mask = jnp.asarray(rng.uniform(size=T) > 0.3)
     pot = (
         jnp.asarray(rng.normal(size=(T, d))),
-        jnp.asarray(np.broadcast_to(0.5 * np.eye(d) + 0.1, (T, d, d))),
+        jnp.asarray(
+            rng.uniform(0.3, 1.5, size=(T, d))
+            if diagonal
+            else np.broadcast_to(0.5 * np.eye(d) + 0.1, (T, d, d))
+        ),
         jnp.asarray(rng.normal(size=(1, d, k))),
     )
     shapes = _posterior_stats(chain, Potentials(*pot, mask), "sequential").moments
@@ -240,11 +250,13 @@ def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full_cov", "diagonal_cov"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])
-def test_written_out_surrogate_gradient_equals_reverse_mode(shared):
+def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
     """The custom VJP's last step, the gradient of ``w·E[log joint] + its tangent`` w.r.t.
     the dynamics and the potentials, is written out; against reverse mode of the same
-    expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks."""
+    expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks, and
+    full or diagonal (variances ``[T, d]``) potential covariances."""
     from numpyro_lds.kalman import (
         GaussMarkovChain,
         Moments,
@@ -270,7 +282,7 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared):
     )
     pot = Potentials(
         jnp.asarray(rng.normal(size=(T, d))),
-        spd(T, d),
+        jnp.asarray(rng.uniform(0.5, 2.0, size=(T, d))) if diagonal else spd(T, d),
         jnp.asarray(rng.normal(size=(1 if shared else T, d, k))),
         jnp.asarray(rng.uniform(size=T) > 0.3),
     )
@@ -298,3 +310,33 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared):
     ):
         assert have.shape == want.shape
         np.testing.assert_allclose(have, want, rtol=1e-10, atol=1e-12)
+
+
+def test_variances_equal_their_diagonal_covariance():
+    """``potential_var`` (kept diagonal: no ``d × d`` covariance is formed) against the same
+    potentials as ``potential_cov = diag(var)``: KL, moments and log-normalizer agree, and
+    the gradient w.r.t. the variances is the diagonal of that w.r.t. the covariances."""
+    rng = np.random.default_rng(5)
+    T, k, d = 7, 3, 2
+    prior = random_prior(rng, k, T)
+    y = jnp.asarray(rng.normal(size=(T, d)))
+    var = jnp.asarray(rng.uniform(0.3, 2.0, size=(T, d)))
+    H = jnp.asarray(rng.normal(size=(d, k)))
+    mask = jnp.asarray(rng.uniform(size=T) > 0.3)
+    rebuilt = copy.copy(prior)  # Terms A-C, not the shortcut against q.prior itself
+
+    def stats(**cov):
+        q = LDSPosterior(prior, y, emission_matrix=H, mask=mask, **cov)
+        return kl_divergence(q, prior), kl_divergence(q, rebuilt), q.variance, q.log_normalizer
+
+    diag_cov = jax.vmap(jnp.diag)(var)
+    for a, b in zip(stats(potential_var=var), stats(potential_cov=diag_cov), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for p in (prior, rebuilt):
+
+        def kl(p=p, **cov):
+            return kl_divergence(LDSPosterior(prior, y, emission_matrix=H, mask=mask, **cov), p)
+
+        g_var = jax.grad(lambda v: kl(potential_var=v))(var)
+        g_cov = jax.grad(lambda c: kl(potential_cov=c))(diag_cov)
+        np.testing.assert_allclose(g_var, jnp.diagonal(g_cov, axis1=-2, axis2=-1), rtol=1e-10)
