@@ -30,10 +30,22 @@ UNROLL_MAX_K = 8
 
 
 def _per_matrix(fn, *arrays):
-    """``fn`` of matrices, applied one matrix at a time (a loop of single LAPACK calls)."""
-    batch = arrays[0].shape[:-2]
-    flat = [x.reshape((-1,) + x.shape[-2:]) for x in arrays]
-    out = lax.map(lambda xs: fn(*xs), flat)
+    """``fn`` of matrices, applied one matrix at a time (a loop of single LAPACK calls).
+
+    ``fn``'s result has the shape of its last argument, and overwrites it matrix by matrix
+    in the loop's buffer: the buffer starts as that argument, not as zeros, so XLA neither
+    allocates it at the start of the program (where it placed the zero-filled outputs of
+    every such loop, all alive at once) nor keeps the argument and the result both.
+    """
+    batch = arrays[-1].shape[:-2]
+    *others, last = [x.reshape((-1,) + x.shape[-2:]) for x in arrays]
+    if last.shape[0] == 0:  # (the associative scan makes empty slices)
+        return arrays[-1]
+
+    def body(i, out):
+        return lax.dynamic_update_index_in_dim(out, fn(*(x[i] for x in others), out[i]), i, 0)
+
+    out = lax.fori_loop(0, last.shape[0], body, last)
     return out.reshape(batch + out.shape[-2:])
 
 
