@@ -531,9 +531,10 @@ class LDSPosterior(_ChainDistribution):
       prior: the LDS prior that the potentials condition.
       potential_mean: pseudo-observations ``y_t``.
       potential_cov: their full covariances ``R_t``.
-      potential_var: their variances (diagonal ``R_t``), kept diagonal throughout: no
-        ``d × d`` covariance is formed, factorized or differentiated (faster and smaller
-        than the same potentials as ``potential_cov``; an encoder's usual output).
+      potential_var: their variances (diagonal ``R_t``), kept as ``[T, d]`` throughout: never
+        stored, factorized or differentiated as ``d × d`` matrices (the Kalman update adds
+        them to the diagonal of its innovation covariance); faster and smaller than the
+        same potentials as ``potential_cov``, and an encoder's usual output.
       emission_matrix: ``H``.
       mask: False where a step has no potential.
       schedule: as for :class:`LinearGaussianStateSpace`; None takes the prior's.
@@ -654,7 +655,7 @@ class LDSPosterior(_ChainDistribution):
     def _potentials(self):
         T, k = self.event_shape
         dtype = self.potential_mean.dtype
-        # Variances stay a [T, d] diagonal: no d x d covariance is formed or factorized.
+        # Variances stay [T, d]: never stored or factorized as d x d matrices.
         cov = self.potential_var if self.potential_cov is None else self.potential_cov
         H = self.emission_matrix
         if H is None:

@@ -104,8 +104,8 @@ class GaussMarkovChain(NamedTuple):
 class Potentials(NamedTuple):
     """Gaussian potentials ``N(mean_t; H_t z_t, cov_t)`` (time axis of ``H`` is ``T`` or 1).
 
-    ``cov`` is ``[T, d, d]``, or ``[T, d]`` for diagonal covariances (their variances):
-    then no ``d × d`` covariance is formed, factorized or differentiated.
+    ``cov`` is ``[T, d, d]``, or ``[T, d]`` for diagonal covariances (their variances),
+    which are then never stored, factorized or differentiated as ``d × d`` matrices.
     """
 
     mean: jnp.ndarray  # [T, d]
@@ -481,12 +481,11 @@ def _masked_potentials(potentials: Potentials):
 
     ``H`` keeps its time axis of 1 when shared; diagonal covariances stay diagonal.
     """
-    d = potentials.mean.shape[-1]
     mask = potentials.mask
-    eye = jnp.eye(d, dtype=potentials.mean.dtype)
     if _is_diagonal(potentials.cov, potentials.mean):
         R = jnp.where(mask[:, None], potentials.cov, 1.0)
     else:
+        eye = jnp.eye(potentials.mean.shape[-1], dtype=potentials.mean.dtype)
         R = jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye)
     return (jnp.where(mask[:, None], potentials.mean, 0.0), R, potentials.emission_matrix, mask)
 

@@ -313,7 +313,7 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
 
 
 def test_variances_equal_their_diagonal_covariance():
-    """``potential_var`` (kept diagonal: no ``d × d`` covariance is formed) against the same
+    """``potential_var`` (kept as ``[T, d]``, never a ``d × d`` matrix) against the same
     potentials as ``potential_cov = diag(var)``: KL, moments and log-normalizer agree, and
     the gradient w.r.t. the variances is the diagonal of that w.r.t. the covariances."""
     rng = np.random.default_rng(5)
