@@ -756,9 +756,10 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
 
     With ``e_t = z_{t+1} − F_t z_t − c_t``: ``E[e_t] = m_{t+1} − F_t m_t − c_t`` and
     ``Cov(e_t) = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ`` (``C_t = Cov(z_{t+1}, z_t)``).
-    This is Term C of ``docs/derivation.md``.
+    This is Term C of ``docs/derivation.md``. Its gradient is written out (see
+    :func:`_expected_log_density`).
     """
-    return jnp.sum(_transition_energies(moments, chain))
+    return _expected_log_density(moments, chain, None, False)
 
 
 def expected_potential_log_prob(moments: Moments, potentials: Potentials):
@@ -770,12 +771,43 @@ def expected_log_joint(moments: Moments, chain: GaussMarkovChain, potentials: Po
     """``E[log prior(z) + Σ_t log φ_t(z_t)]`` under a Gaussian with ``moments``.
 
     Affine in the expected sufficient statistics ``E[z_t], E[z_t z_tᵀ], E[z_{t+1} z_tᵀ]``.
-    For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``.
+    For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``. Its gradient
+    is written out (see :func:`_expected_log_density`).
     """
-    return _expected_log_joint_along(moments, None, 1.0, chain, potentials)
+    return _expected_log_density(moments, chain, potentials, True)
 
 
-def _expected_log_joint_along(moments, tangent, weight, chain, potentials):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _expected_log_density(moments, chain, potentials, initial):
+    """The transition terms, plus the initial term if ``initial`` and the potentials' if given.
+
+    Its VJP is :func:`_expected_log_joint_along_grad` with the moments' gradient: every
+    term is affine in the covariances and quadratic in the means, so each gradient is one
+    product per step (for shared dynamics ``∂/∂C_t = Λ F`` and ``∂/∂P_t ∋ −Fᵀ Λ F/2`` are
+    the same matrix at every step), where reverse mode would transpose and store every
+    product of the value.
+    """
+    return _expected_log_joint_along(moments, None, 1.0, chain, potentials, initial=initial)
+
+
+def _expected_log_density_fwd(moments, chain, potentials, initial):
+    value = _expected_log_density(moments, chain, potentials, initial)
+    return value, (moments, chain, potentials)
+
+
+def _expected_log_density_bwd(initial, res, g):
+    moments, chain, potentials = res
+    grads = _expected_log_joint_along_grad(
+        moments, None, 1.0, chain, potentials, initial=initial, moments_grad=True
+    )
+    # Every gradient of the value is g times its gradient at g = 1.
+    return jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else g * x, grads)
+
+
+_expected_log_density.defvjp(_expected_log_density_fwd, _expected_log_density_bwd)
+
+
+def _expected_log_joint_along(moments, tangent, weight, chain, potentials, initial=True):
     """``w · expected_log_joint(moments) + (its derivative along tangent)``, in one pass.
 
     Every term is ``E[log N(x; μ, Σ)] = −tr(Σ⁻¹ (V + e eᵀ))/2 − log det(2πΣ)/2`` with
@@ -783,14 +815,16 @@ def _expected_log_joint_along(moments, tangent, weight, chain, potentials):
     weighted value plus tangent is :func:`~numpyro_lds.linalg.gaussian_energy` of the
     scatter ``w V + V̇ + w e eᵀ + ė eᵀ + e ėᵀ``, whose gradient w.r.t. ``Σ`` is
     closed-form; the custom VJP's backward pass uses the gradient written out,
-    :func:`_expected_log_joint_along_grad`. ``tangent=None`` is the plain value.
+    :func:`_expected_log_joint_along_grad`. ``tangent=None`` is the plain value (the
+    weight is then 1); without ``initial`` or ``potentials`` those terms are left out.
     """
     weight = jnp.asarray(weight, moments.means.dtype)
-    return (
-        _initial_energy(moments, chain, tangent, weight)
-        + jnp.sum(_transition_energies(moments, chain, tangent, weight))
-        + jnp.sum(_node_energies(moments, potentials, tangent, weight))
-    )
+    value = jnp.sum(_transition_energies(moments, chain, tangent, weight))
+    if initial:
+        value = value + _initial_energy(moments, chain, tangent, weight)
+    if potentials is not None:
+        value = value + jnp.sum(_node_energies(moments, potentials, tangent, weight))
+    return value
 
 
 class PosteriorStats(NamedTuple):
@@ -885,32 +919,45 @@ def _posterior_stats_bwd(schedule, res, cotangent):
     return _expected_log_joint_along_grad(moments, moments_dot, log_z_bar, chain, potentials)
 
 
-def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
-    """Gradient of :func:`_expected_log_joint_along` w.r.t. ``chain`` and ``potentials``.
+def _expected_log_joint_along_grad(
+    moments, tangent, weight, chain, potentials, initial=True, moments_grad=False
+):
+    """Gradient of :func:`_expected_log_joint_along` w.r.t. ``chain`` and ``potentials``
+    (``None``: left out), and with ``moments_grad`` (only without a tangent) w.r.t. the
+    ``moments`` first.
 
     Written out (``docs/derivation.md``, section 8): for a term ``−tr(Λ S)/2 − w log
     det(2πΣ)/2`` with ``Λ = Σ⁻¹`` and scatter ``S = V_w + w e eᵀ + ė eᵀ + e ėᵀ``,
     ``∂/∂e = −r`` with ``r = Λ(w e + ė)``, ``∂/∂ė = −Λ e``, ``∂/∂V_w = −Λ/2`` and
     ``∂/∂Σ = (Λ S Λ − w Λ)/2``. Reverse mode of the same algebra transposes every small
     product into reductions that XLA's CPU backend hands to a library call one by one
-    (2× slower at k = 4).
+    (2× slower at k = 4). ``e`` and ``V`` are linear in the moments: ``∂/∂E[x] = −Λ e``
+    (pushed through ``e``'s linear map), and ``∂/∂V = −Λ/2`` likewise through ``V``'s.
     """
     dtype = moments.means.dtype
     weight = jnp.asarray(weight, dtype)
-    m, m_dot = moments.means, tangent.means
+    m = moments.means
+    m_dot = None if tangent is None else tangent.means
+    num_steps, k = m.shape
 
     # Initial state.
-    e, e_dot, V = _initial_residual(moments, chain, tangent, weight)
-    lam = precision_from_chol(cholesky(chain.initial_cov))
-    g_initial_mean = matvec(lam, weight * e + e_dot)
-    scatter = _scatter(weight, e, e_dot, V)
-    g_initial_cov = gaussian_energy_cov_grad(lam, scatter, weight, 1.0, lam.shape)
+    if initial:
+        e, e_dot, V = _initial_residual(moments, chain, tangent, weight)
+        lam_0 = precision_from_chol(cholesky(chain.initial_cov))
+        g_initial_mean = matvec(lam_0, _along(weight, e, e_dot))
+        scatter = _scatter(weight, e, e_dot, V)
+        g_initial_cov = gaussian_energy_cov_grad(lam_0, scatter, weight, 1.0, lam_0.shape)
+    else:
+        g_initial_mean = jnp.zeros_like(chain.initial_mean)
+        g_initial_cov = jnp.zeros_like(chain.initial_cov)
 
     # Transitions.
     F, C_w, F_P, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
     lam = precision_from_chol(cholesky(chain.transition_cov))
-    r = matvec(lam, weight * e + e_dot)
-    g_F = _outer(r, m[:-1]) + _outer(matvec(lam, e), m_dot[:-1]) + matmul(lam, C_w - F_P)
+    r = matvec(lam, _along(weight, e, e_dot))
+    g_F = _outer(r, m[:-1]) + matmul(lam, C_w - F_P)
+    if tangent is not None:
+        g_F = g_F + _outer(matvec(lam, e), m_dot[:-1])
     scatter = _scatter(weight, e, e_dot, V)
     g_S = gaussian_energy_cov_grad(lam, scatter, weight, 1.0, chain.transition_cov.shape)
     g_chain = GaussMarkovChain(
@@ -920,6 +967,22 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
         sum_to_shape(r, chain.transition_offset.shape),
         g_S,
     )
+    if moments_grad:
+        # e_t = m_{t+1} − F m_t − c: ∂/∂m_{t+1} = −r, ∂/∂m_t = Fᵀ r. V_t = P_{t+1} − C Fᵀ −
+        # F Cᵀ + F P_t Fᵀ: ∂/∂P_{t+1} = −Λ/2, ∂/∂P_t = −Fᵀ Λ F/2, ∂/∂C_t = Λ F.
+        lam_F = matmul(lam, F)
+        g_means = _on_steps(-r, 1, num_steps) + _on_steps(matvec(transpose(F), r), 0, num_steps)
+        g_covs = -0.5 * (
+            _on_steps(lam, 1, num_steps) + _on_steps(matmul(transpose(F), lam_F), 0, num_steps)
+        )
+        g_cross = jnp.broadcast_to(lam_F, (num_steps - 1, k, k))
+        if initial:
+            g_means = g_means - _on_steps(g_initial_mean[None], 0, num_steps, 1)
+            g_covs = g_covs - 0.5 * _on_steps(lam_0[None], 0, num_steps, 1)
+    if potentials is None:
+        return (
+            (Moments(g_means, g_covs, g_cross), g_chain, None) if moments_grad else (g_chain, None)
+        )
 
     # Potentials; masked steps contribute nothing.
     y, R, H, mask = _masked_potentials(potentials)
@@ -928,22 +991,46 @@ def _expected_log_joint_along_grad(moments, tangent, weight, chain, potentials):
     if _is_diagonal(R, y):
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
         lam = 1.0 / R
-        r = lam * (weight * e + e_dot)
-        g_H = _outer(r, m) + _outer(lam * e, m_dot) - lam[..., None] * H_P
+        r = lam * _along(weight, e, e_dot)
+        g_H = _outer(r, m) - lam[..., None] * H_P
         scatter = _scatter_diagonal(weight, e, e_dot, V)
         g_R = 0.5 * on[:, None] * (lam * lam * scatter - weight * lam)
     else:
         lam = precision_from_chol(cholesky(R))
-        r = matvec(lam, weight * e + e_dot)
-        g_H = _outer(r, m) + _outer(matvec(lam, e), m_dot) - matmul(lam, H_P)
+        r = matvec(lam, _along(weight, e, e_dot))
+        g_H = _outer(r, m) - matmul(lam, H_P)
         g_R = gaussian_energy_cov_grad(lam, _scatter(weight, e, e_dot, V), weight, on, R.shape)
+    if tangent is not None:
+        lam_e = lam * e if _is_diagonal(R, y) else matvec(lam, e)
+        g_H = g_H + _outer(lam_e, m_dot)
     g_potentials = Potentials(
         on[:, None] * -r,
         g_R,
         sum_to_shape(on[:, None, None] * g_H, potentials.emission_matrix.shape),
         np.zeros(mask.shape, dtype=jax.dtypes.float0),
     )
-    return g_chain, g_potentials
+    if not moments_grad:
+        return g_chain, g_potentials
+    # e = y − H m_t: ∂/∂m_t = Hᵀ r; V = H P_t Hᵀ: ∂/∂P_t = −Hᵀ Λ H/2.
+    H_t = transpose(H)
+    lam_H = lam[..., None] * H if _is_diagonal(R, y) else matmul(lam, H)
+    g_means = g_means + on[:, None] * matvec(H_t, r)
+    g_covs = g_covs - 0.5 * on[:, None, None] * symmetrize(matmul(H_t, lam_H))
+    return Moments(g_means, g_covs, g_cross), g_chain, g_potentials
+
+
+def _on_steps(x, start, num_steps, length=None):
+    """``[T, ...]``: ``x`` on steps ``start … start + length − 1`` (``length`` is ``T − 1``
+    unless given), zeros elsewhere. ``x`` has that time axis, or 1 when the same at every
+    step: then it is selected by step, never padded or updated in place, so XLA fuses it
+    into its consumer instead of storing a ``[T, ...]`` array of copies from the start."""
+    length = num_steps - 1 if length is None else length
+    if x.shape[0] == 1:
+        t = jnp.arange(num_steps).reshape((num_steps,) + (1,) * (x.ndim - 1))
+        return jnp.where((t >= start) & (t < start + length), x, 0)
+    before = jnp.zeros((start,) + x.shape[1:], x.dtype)
+    after = jnp.zeros((num_steps - start - length,) + x.shape[1:], x.dtype)
+    return jnp.concatenate([before, x, after])
 
 
 _posterior_stats_custom.defvjp(_posterior_stats_fwd, _posterior_stats_bwd)

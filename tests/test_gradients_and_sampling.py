@@ -250,23 +250,13 @@ def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared, diagon
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("diagonal", [False, True], ids=["full_cov", "diagonal_cov"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])
-def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
-    """The custom VJP's last step, the gradient of ``w·E[log joint] + its tangent`` w.r.t.
-    the dynamics and the potentials, is written out; against reverse mode of the same
-    expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks, and
-    full or diagonal (variances ``[T, d]``) potential covariances."""
-    from numpyro_lds.kalman import (
-        GaussMarkovChain,
-        Moments,
-        Potentials,
-        _expected_log_joint_along,
-        _expected_log_joint_along_grad,
-    )
+def _random_log_joint_inputs(rng, shared, diagonal, T=9, k=3, d=2):
+    """A chain, masked potentials (``d ≠ k``) and moments for the expected log-joint.
 
-    rng = np.random.default_rng(2)
-    T, k, d = 9, 3, 2
+    The moments need not be consistent with anything: the expression is affine in them.
+    """
+    from numpyro_lds.kalman import GaussMarkovChain, Moments, Potentials
+
     n = 1 if shared else T - 1
 
     def spd(*shape):
@@ -286,8 +276,33 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
         jnp.asarray(rng.normal(size=(1 if shared else T, d, k))),
         jnp.asarray(rng.uniform(size=T) > 0.3),
     )
-    # Moments and a tangent need not be consistent: the expression is affine in them.
     moments = Moments(jnp.asarray(rng.normal(size=(T, k))), spd(T, k), spd(T - 1, k))
+    return chain, pot, moments
+
+
+def _assert_trees_close(have, want):
+    for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full_cov", "diagonal_cov"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])
+def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
+    """The custom VJP's last step, the gradient of ``w·E[log joint] + its tangent`` w.r.t.
+    the dynamics and the potentials, is written out; against reverse mode of the same
+    expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks, and
+    full or diagonal (variances ``[T, d]``) potential covariances."""
+    from numpyro_lds.kalman import (
+        Moments,
+        Potentials,
+        _expected_log_joint_along,
+        _expected_log_joint_along_grad,
+    )
+
+    rng = np.random.default_rng(2)
+    chain, pot, moments = _random_log_joint_inputs(rng, shared, diagonal)
+    T, k = moments.means.shape
     tangent = Moments(
         jnp.asarray(rng.normal(size=(T, k))),
         jnp.asarray(_sym(rng.normal(size=(T, k, k)))),
@@ -303,13 +318,42 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
         chain, pot.mean, pot.cov, pot.emission_matrix
     )
     have_chain, have_pot = _expected_log_joint_along_grad(moments, tangent, weight, chain, pot)
-    for have, want in zip(
-        jax.tree.leaves(have_chain) + list(have_pot[:3]),
-        jax.tree.leaves(want_chain) + want_pot,
-        strict=True,
-    ):
-        assert have.shape == want.shape
-        np.testing.assert_allclose(have, want, rtol=1e-10, atol=1e-12)
+    _assert_trees_close((have_chain, list(have_pot[:3])), (want_chain, want_pot))
+
+
+@pytest.mark.parametrize("terms", ["log_joint", "transitions"])
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full_cov", "diagonal_cov"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])
+def test_expected_log_density_vjp_equals_reverse_mode(shared, diagonal, terms):
+    """``expected_log_joint`` and ``expected_transition_log_prob`` (Term C) have a written-out
+    VJP, also w.r.t. the moments (which carry the KL's gradient into the posterior's custom
+    VJP); against reverse mode of the plain expression, for every input, at a cotangent ≠ 1."""
+    from numpyro_lds.kalman import (
+        Potentials,
+        _expected_log_joint_along,
+        expected_log_joint,
+        expected_transition_log_prob,
+    )
+
+    rng = np.random.default_rng(3)
+    chain, pot, moments = _random_log_joint_inputs(rng, shared, diagonal)
+
+    def with_potentials(fn):
+        def value(moments, chain, mean, cov, emission):
+            return -1.3 * fn(moments, chain, Potentials(mean, cov, emission, pot.mask))
+
+        return value
+
+    if terms == "log_joint":
+        have_fn = expected_log_joint
+        want_fn = lambda m, c, p: _expected_log_joint_along(m, None, 1.0, c, p)  # noqa: E731
+    else:
+        have_fn = lambda m, c, p: expected_transition_log_prob(m, c)  # noqa: E731
+        want_fn = lambda m, c, p: _expected_log_joint_along(m, None, 1.0, c, None, False)  # noqa: E731
+    args = (moments, chain, pot.mean, pot.cov, pot.emission_matrix)
+    have = jax.value_and_grad(with_potentials(have_fn), argnums=(0, 1, 2, 3, 4))(*args)
+    want = jax.value_and_grad(with_potentials(want_fn), argnums=(0, 1, 2, 3, 4))(*args)
+    _assert_trees_close(have, want)
 
 
 def test_variances_equal_their_diagonal_covariance():
