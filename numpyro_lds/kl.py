@@ -165,7 +165,7 @@ def _kl(q, p):
 
     Against its own prior, ``log q = log p + Σ_t log φ_t − log Z`` makes every transition
     term cancel: :meth:`~numpyro_lds.LDSPosterior.kl_to_prior` computes only the potentials'
-    expected log-densities (at ``k = 16``, ``T = 1 000``: KL + gradient 83 → 47 ms on CPU).
+    expected log-densities (Terms A–C, whose gradients are written out too, cost about 1.1×).
     """
     if _conditions(q, p):
         return q.kl_to_prior()
