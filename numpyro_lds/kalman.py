@@ -991,18 +991,18 @@ def _expected_log_joint_along_grad(
     if _is_diagonal(R, y):
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
         lam = 1.0 / R
-        r = lam * _along(weight, e, e_dot)
-        g_H = _outer(r, m) - lam[..., None] * H_P
+        lam_vec = functools.partial(jnp.multiply, lam)
+        lam_mat = functools.partial(jnp.multiply, lam[..., None])
         scatter = _scatter_diagonal(weight, e, e_dot, V)
         g_R = 0.5 * on[:, None] * (lam * lam * scatter - weight * lam)
     else:
         lam = precision_from_chol(cholesky(R))
-        r = matvec(lam, _along(weight, e, e_dot))
-        g_H = _outer(r, m) - matmul(lam, H_P)
+        lam_vec, lam_mat = functools.partial(matvec, lam), functools.partial(matmul, lam)
         g_R = gaussian_energy_cov_grad(lam, _scatter(weight, e, e_dot, V), weight, on, R.shape)
+    r = lam_vec(_along(weight, e, e_dot))
+    g_H = _outer(r, m) - lam_mat(H_P)
     if tangent is not None:
-        lam_e = lam * e if _is_diagonal(R, y) else matvec(lam, e)
-        g_H = g_H + _outer(lam_e, m_dot)
+        g_H = g_H + _outer(lam_vec(e), m_dot)
     g_potentials = Potentials(
         on[:, None] * -r,
         g_R,
@@ -1013,9 +1013,8 @@ def _expected_log_joint_along_grad(
         return g_chain, g_potentials
     # e = y − H m_t: ∂/∂m_t = Hᵀ r; V = H P_t Hᵀ: ∂/∂P_t = −Hᵀ Λ H/2.
     H_t = transpose(H)
-    lam_H = lam[..., None] * H if _is_diagonal(R, y) else matmul(lam, H)
     g_means = g_means + on[:, None] * matvec(H_t, r)
-    g_covs = g_covs - 0.5 * on[:, None, None] * symmetrize(matmul(H_t, lam_H))
+    g_covs = g_covs - 0.5 * on[:, None, None] * symmetrize(matmul(H_t, lam_mat(H)))
     return Moments(g_means, g_covs, g_cross), g_chain, g_potentials
 
 
