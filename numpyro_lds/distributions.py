@@ -27,6 +27,7 @@ from numpyro_lds.kalman import (
     condition_on_potentials,
     expected_log_joint,
     expected_potential_log_prob,
+    posterior_sample,
     posterior_stats,
     resolve_schedule,
     reverse_moments,
@@ -238,9 +239,13 @@ class _ChainDistribution(Distribution):
         moments = cls._single_moments(args, num_steps, schedule)
         return moments, -cls._single_entropy(args, num_steps, schedule)
 
+    def _noise_shape(self):
+        """Shape of the standard normals behind one draw of one sequence."""
+        return self.event_shape
+
     @classmethod
     def _single_sample(cls, args, eps, num_steps, schedule):
-        """Paths for standard normals ``eps [S, T, k]``."""
+        """Paths for standard normals ``eps [S, *_noise_shape()]``."""
         chain = cls._single_chain(args, num_steps, schedule)
         if cls._chain_reversed:
             draw = lambda e: chain_sample(chain, e[::-1], schedule)[::-1]  # noqa: E731
@@ -315,7 +320,7 @@ class _ChainDistribution(Distribution):
         sample_shape = tuple(sample_shape)
         args, ndims = self._core_args()
         dtype = jnp.result_type(*jax.tree.leaves(args))
-        eps = random.normal(key, sample_shape + self.batch_shape + self.event_shape, dtype)
+        eps = random.normal(key, sample_shape + self.batch_shape + self._noise_shape(), dtype)
         # [S..., B..., T, k] -> [B..., S, T, k]: the sample axis is part of each sequence's work.
         n_s, n_b = len(sample_shape), len(self.batch_shape)
         eps = jnp.moveaxis(eps.reshape((-1,) + eps.shape[n_s:]), 0, n_b)
@@ -518,7 +523,8 @@ class LDSPosterior(_ChainDistribution):
     with :math:`H` = ``emission_matrix`` (identity by default) and :math:`R_t` =
     ``potential_cov`` (or ``diag(potential_var)``). The potentials are free parameters or
     an encoder's outputs (the structured VAE of Johnson et al. 2016). Moments come from a
-    Kalman filter and RTS smoother; samples from forward-filtering backward-sampling,
+    Kalman filter and RTS smoother; samples from Durbin & Koopman's simulation smoother (a
+    prior path plus a smoothed mean: :func:`numpyro_lds.kalman.posterior_sample`),
     reparametrized and differentiable in every input.
 
     Shapes:
@@ -674,6 +680,20 @@ class LDSPosterior(_ChainDistribution):
     def _single_chain(cls, args, num_steps, schedule):
         chain, potentials = args
         return condition_on_potentials(chain, potentials, schedule).backward_chain
+
+    def _noise_shape(self):
+        # A prior path (k) and pseudo-potentials (d) per step: see _single_sample.
+        T, k = self.event_shape
+        return (T, k + self.potential_mean.shape[-1])
+
+    @classmethod
+    def _single_sample(cls, args, eps, num_steps, schedule):
+        # Durbin & Koopman's simulation smoother rather than sampling the backward kernels:
+        # a smoothed mean plus a prior path, whose gradient is posterior_stats' custom VJP.
+        chain, potentials = args
+        draw = lambda e: posterior_sample(chain, potentials, e, schedule)  # noqa: E731
+        with tracing(batched=eps.shape[0] > 1):
+            return jax.vmap(draw)(eps)
 
     # Moments, log-normalizer and KL go through posterior_stats, whose gradient is a custom
     # VJP instead of reverse mode through the scans.

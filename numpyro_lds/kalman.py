@@ -83,6 +83,7 @@ __all__ = [
     "expected_potential_log_prob",
     "expected_transition_log_prob",
     "kalman_filter",
+    "posterior_sample",
     "posterior_stats",
     "prefix_scan",
     "resolve_schedule",
@@ -880,6 +881,39 @@ def _posterior_stats_fwd(chain, potentials, schedule):
     # The filter is kept for the backward pass (two [T, k, k] arrays more than the
     # moments), which would otherwise run it again.
     return PosteriorStats(moments, filtered.log_normalizer), (chain, potentials, moments, filtered)
+
+
+def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, schedule="sequential"):
+    """Reparametrized draw from the chain conditioned on the potentials (Durbin & Koopman 2002).
+
+    ``eps [T, k + d]``: standard normals, ``[:, :k]`` for a path of the prior chain ``z⁺``
+    and ``[:, k:]`` for pseudo-potentials ``y⁺_t = H_t z⁺_t + R_t^{1/2} ε_t``. Then
+
+    ``z = z⁺ + E[z | y − y⁺]``, the mean under the same chain with zero initial mean and
+    offsets, has the posterior's law: ``E[z | y] − E[z | y⁺]`` is linear in ``y − y⁺``, and
+    ``z⁺ − E[z⁺ | y⁺]`` is independent of ``y⁺`` with the posterior's covariance.
+
+    It is a smoothed mean plus a prior path, so its gradient is :func:`posterior_stats`'
+    written-out VJP and an affine recursion's, exact for every input; reverse mode through
+    the backward kernels of forward-filtering backward-sampling cost 5–19 draws (measured
+    on CPU, k = 4 and 16, T = 100 … 1 000). Masked steps' noise is drawn and unused. See
+    ``docs/derivation.md``, section 8.
+    """
+    k = chain.initial_mean.shape[-1]
+    eps_z, eps_y = eps[..., :k], eps[..., k:]
+    prior_path = chain_sample(chain, eps_z, schedule)
+    y, R, H, mask = _masked_potentials(potentials)
+    if _is_diagonal(R, y):
+        noise = jnp.sqrt(R) * eps_y
+    else:
+        noise = matvec(cholesky(R), eps_y)
+    pseudo = matvec(H, prior_path) + noise
+    centred = chain._replace(
+        initial_mean=jnp.zeros_like(chain.initial_mean),
+        transition_offset=jnp.zeros_like(chain.transition_offset),
+    )
+    shifted = Potentials(y - pseudo, potentials.cov, potentials.emission_matrix, mask)
+    return prior_path + posterior_stats(centred, shifted, schedule).moments.means
 
 
 def _outer(a, b):

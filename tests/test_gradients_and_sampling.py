@@ -106,12 +106,13 @@ def test_kl_to_own_prior_shortcut_gradient_equals_general_formula():
     check_grads(shortcut, (params,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["prior", "posterior"])
+@pytest.mark.parametrize("kind", ["prior", "posterior", "posterior_diag_emission"])
 def test_log_prob_and_sample_gradients_match_finite_differences(kind):
     rng = np.random.default_rng(1)
     T, k = 3, 2
     prior = random_prior(rng, k, T)
-    post = random_posterior(rng, prior, mask=True)
+    diag = kind == "posterior_diag_emission"
+    post = random_posterior(rng, prior, d=3 if diag else None, diag=diag, mask=True)
     z = jnp.asarray(rng.normal(size=(T, k)))
     weights = jnp.asarray(rng.normal(size=(T, k)))
     key = jax.random.key(3)
@@ -120,13 +121,23 @@ def test_log_prob_and_sample_gradients_match_finite_differences(kind):
         d = _prior_from(params["prior"], T)
         if kind == "posterior":
             d = LDSPosterior(d, params["y"], _sym(params["R"]), mask=post.potential_mask)
+        elif diag:
+            d = LDSPosterior(
+                d,
+                params["y"],
+                potential_var=params["R"],
+                emission_matrix=params["H"],
+                mask=post.potential_mask,
+            )
         return d
 
     params = {
         "prior": {f: getattr(prior, f) for f in PRIOR_FIELDS},
         "y": post.potential_mean,
-        "R": post.potential_cov,
+        "R": post.potential_var if diag else post.potential_cov,
     }
+    if diag:
+        params["H"] = post.emission_matrix
     check_grads(lambda p: build(p).log_prob(z), (params,), order=1, modes=["rev"], eps=1e-6)
     check_grads(
         lambda p: jnp.sum(build(p).sample(key) * weights),
@@ -137,13 +148,16 @@ def test_log_prob_and_sample_gradients_match_finite_differences(kind):
     )
 
 
-@pytest.mark.parametrize("kind", ["prior", "posterior"])
+@pytest.mark.parametrize("kind", ["prior", "posterior", "posterior_diag_emission"])
 def test_sample_moments_within_standard_error(kind):
     rng = np.random.default_rng(2)
     T, k, n = 4, 2, 20_000
     d = random_prior(rng, k, T, batch=(2,))
     if kind == "posterior":
         d = random_posterior(rng, d, batch=(2,), mask=True)
+    elif kind == "posterior_diag_emission":
+        # d ≠ k, diagonal covariances: the pseudo-potentials' noise takes the other path.
+        d = random_posterior(rng, d, d=3, batch=(2,), diag=True, mask=True)
     z = np.asarray(d.sample(jax.random.key(0), (n,)))
     assert z.shape == (n,) + d.batch_shape + d.event_shape
     mean, cov = np.asarray(d.mean), np.asarray(d.marginal_covariance)
