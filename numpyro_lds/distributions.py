@@ -244,13 +244,15 @@ class _ChainDistribution(Distribution):
         return self.event_shape
 
     @classmethod
+    def _single_draw(cls, args, num_steps, schedule):
+        """The map from one draw's standard normals (``_noise_shape()``) to a path."""
+        chain = cls._single_chain(args, num_steps, schedule)
+        return lambda e: chain_sample(chain, e, schedule)
+
+    @classmethod
     def _single_sample(cls, args, eps, num_steps, schedule):
         """Paths for standard normals ``eps [S, *_noise_shape()]``."""
-        chain = cls._single_chain(args, num_steps, schedule)
-        if cls._chain_reversed:
-            draw = lambda e: chain_sample(chain, e[::-1], schedule)[::-1]  # noqa: E731
-        else:
-            draw = lambda e: chain_sample(chain, e, schedule)  # noqa: E731
+        draw = cls._single_draw(args, num_steps, schedule)
         # Several draws are a batch to the small-k products (see linalg.matmul).
         with tracing(batched=eps.shape[0] > 1):
             return jax.vmap(draw)(eps)
@@ -682,18 +684,16 @@ class LDSPosterior(_ChainDistribution):
         return condition_on_potentials(chain, potentials, schedule).backward_chain
 
     def _noise_shape(self):
-        # A prior path (k) and pseudo-potentials (d) per step: see _single_sample.
+        # A prior path (k) and pseudo-potentials (d) per step: see _single_draw.
         T, k = self.event_shape
         return (T, k + self.potential_mean.shape[-1])
 
     @classmethod
-    def _single_sample(cls, args, eps, num_steps, schedule):
+    def _single_draw(cls, args, num_steps, schedule):
         # Durbin & Koopman's simulation smoother rather than sampling the backward kernels:
         # a smoothed mean plus a prior path, whose gradient is posterior_stats' custom VJP.
         chain, potentials = args
-        draw = lambda e: posterior_sample(chain, potentials, e, schedule)  # noqa: E731
-        with tracing(batched=eps.shape[0] > 1):
-            return jax.vmap(draw)(eps)
+        return lambda e: posterior_sample(chain, potentials, e, schedule)
 
     # Moments, log-normalizer and KL go through posterior_stats, whose gradient is a custom
     # VJP instead of reverse mode through the scans.

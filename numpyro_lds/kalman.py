@@ -902,7 +902,7 @@ def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, sched
     k = chain.initial_mean.shape[-1]
     eps_z, eps_y = eps[..., :k], eps[..., k:]
     prior_path = chain_sample(chain, eps_z, schedule)
-    y, R, H, mask = _masked_potentials(potentials)
+    y, R, H, _ = _masked_potentials(potentials)
     if _is_diagonal(R, y):
         noise = jnp.sqrt(R) * eps_y
     else:
@@ -912,7 +912,7 @@ def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, sched
         initial_mean=jnp.zeros_like(chain.initial_mean),
         transition_offset=jnp.zeros_like(chain.transition_offset),
     )
-    shifted = Potentials(y - pseudo, potentials.cov, potentials.emission_matrix, mask)
+    shifted = potentials._replace(mean=y - pseudo)
     return prior_path + posterior_stats(centred, shifted, schedule).moments.means
 
 
