@@ -4,8 +4,9 @@ T = 100 000 (default), k = 4, spectral radius 0.999, process noise 1e-4·I, pote
 variances log-uniform over 1e-4 … 1e4, 30% of steps masked. Runs the same code in float32
 and float64 and reports NaN/Inf, the KL's relative error, the gradient's relative error
 (for the KL against the posterior's own prior, and by the general formula, Terms A–C,
-against an equal second prior), and whether the float32 marginal covariances are symmetric
-positive definite.
+against an equal second prior), the posterior's log-density at a float64 posterior draw and
+its gradient (w.r.t. the potentials and the draw), and whether the float32 marginal
+covariances are symmetric positive definite.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def build(prob, dtype, schedule=None):
     return prior
 
 
-def run(prob, dtype, schedule=None):
+def run(prob, dtype, schedule=None, z=None):
+    """Every metric's raw values; ``log q`` at ``z`` (default: this run's own draw)."""
     prior = build(prob, dtype, schedule)
     # A second, equal prior object: kl_divergence(q, rebuilt) takes the general formula
     # (Terms A-C), kl_divergence(q, prior) the identity Σ E_q log φ − log Z.
@@ -84,6 +86,15 @@ def run(prob, dtype, schedule=None):
     cov = jax.jit(lambda q: q.marginal_covariance)(q)
     mean = jax.jit(lambda q: q.mean)(q)
     sample = jax.jit(lambda q: q.sample(jax.random.key(0)))(q)
+    z = sample if z is None else jnp.asarray(z, dtype)
+
+    def log_q(y, var, z):
+        q = LDSPosterior(
+            prior, y, potential_var=var, mask=jnp.asarray(prob["mask"]), validate_args=False
+        )
+        return q.log_prob(z)
+
+    lp, lp_grads = jax.jit(jax.value_and_grad(log_q, argnums=(0, 1, 2)))(y, var, z)
     return dict(
         kl=kl,
         gy=gy,
@@ -94,6 +105,8 @@ def run(prob, dtype, schedule=None):
         cov=cov,
         mean=mean,
         sample=sample,
+        lp=lp,
+        lp_grads=lp_grads,
         seconds=elapsed,
     )
 
@@ -106,9 +119,9 @@ def rel(a, b):
 def compare(T, schedule=None):
     """Float32 (``schedule``) vs float64 (sequential) metrics on ``hard_problem(T)``."""
     prob = hard_problem(T)
-    r32 = run(prob, jnp.float32, schedule)
     r64 = run(prob, jnp.float64, "sequential")
-    names = ("kl", "gy", "gv", "kl_terms", "gy_terms", "gv_terms", "cov", "mean", "sample")
+    r32 = run(prob, jnp.float32, schedule, z=r64["sample"])
+    names = ("kl", "gy", "gv", "kl_terms", "gy_terms", "gv_terms", "cov", "mean", "sample", "lp")
     cov = np.asarray(r32["cov"], np.float64)
     return dict(
         T=T,
@@ -124,6 +137,8 @@ def compare(T, schedule=None):
         grad_terms_rel_err=max(
             rel(r32["gy_terms"], r64["gy_terms"]), rel(r32["gv_terms"], r64["gv_terms"])
         ),
+        log_prob_rel_err=rel(r32["lp"], r64["lp"]),
+        grad_log_prob_rel_err=max(map(rel, r32["lp_grads"], r64["lp_grads"])),
         mean_rel_err=rel(r32["mean"], r64["mean"]),
         cov_rel_err=rel(r32["cov"], r64["cov"]),
         max_asymmetry=float(np.max(np.abs(cov - np.swapaxes(cov, -1, -2)))),
@@ -149,6 +164,10 @@ def report(r):
     print(
         f"general formula (Terms A-C): KL rel err {r['kl_terms_rel_err']:.2e}, "
         f"grad rel err {r['grad_terms_rel_err']:.2e}"
+    )
+    print(
+        f"log q at a float64 draw: rel err {r['log_prob_rel_err']:.2e}, grad rel err "
+        f"(potentials, draw) {r['grad_log_prob_rel_err']:.2e}"
     )
     print(f"mean rel err {r['mean_rel_err']:.2e}  cov rel err {r['cov_rel_err']:.2e}")
     print(

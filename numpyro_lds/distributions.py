@@ -27,6 +27,7 @@ from numpyro_lds.kalman import (
     condition_on_potentials,
     expected_log_joint,
     expected_potential_log_prob,
+    posterior_log_prob,
     posterior_sample,
     posterior_stats,
     resolve_schedule,
@@ -320,35 +321,43 @@ class _ChainDistribution(Distribution):
     def sample(self, key, sample_shape=()):
         """Reparametrized draw of shape ``sample_shape + batch_shape + [T, k]``."""
         sample_shape = tuple(sample_shape)
-        args, ndims = self._core_args()
-        dtype = jnp.result_type(*jax.tree.leaves(args))
+        dtype = jnp.result_type(*jax.tree.leaves(self._core_args()[0]))
         eps = random.normal(key, sample_shape + self.batch_shape + self._noise_shape(), dtype)
-        # [S..., B..., T, k] -> [B..., S, T, k]: the sample axis is part of each sequence's work.
+        return self._map_draws(type(self)._single_sample, eps, sample_shape)
+
+    def _map_draws(self, fn, draws, sample_shape):
+        """Apply single-sequence ``fn(args, draws, num_steps, schedule)`` to ``draws`` of
+        shape ``sample_shape + batch_shape + tail``; ``fn`` gets ``[S, *tail]``."""
         n_s, n_b = len(sample_shape), len(self.batch_shape)
-        eps = jnp.moveaxis(eps.reshape((-1,) + eps.shape[n_s:]), 0, n_b)
-        z = jit_batch_map(
-            type(self)._single_sample,
+        # [S..., B..., tail] -> [B..., S, tail]: the samples are part of each sequence's work.
+        draws = jnp.moveaxis(draws.reshape((-1,) + draws.shape[n_s:]), 0, n_b)
+        args, ndims = self._core_args()
+        out = jit_batch_map(
+            fn,
             self.batch_shape,
-            (args, eps),
-            (ndims, 3),
+            (args, draws),
+            (ndims, draws.ndim - n_b),
             self.num_steps,
             self._resolved_schedule(),
         )
-        z = jnp.moveaxis(z, n_b, 0)
-        return z.reshape(sample_shape + z.shape[1:])
+        out = jnp.moveaxis(out, n_b, 0)
+        return out.reshape(sample_shape + out.shape[1:])
 
-    @validate_sample
-    def log_prob(self, value):
-        """Log-density of trajectories ``value`` of shape ``[..., T, k]``."""
+    def _checked_value(self, value):
         value = jnp.asarray(value)
         if value.shape[-2:] != self.event_shape:
             raise _shape_error(
                 "value", value.shape, f"[..., {self.num_steps}, {self.event_shape[1]}]"
             )
-        chain = self._map(type(self)._single_chain)
+        return value
+
+    @validate_sample
+    def log_prob(self, value):
+        """Log-density of trajectories ``value`` of shape ``[..., T, k]``."""
+        value = self._checked_value(value)
         if type(self)._chain_reversed:
             value = jnp.flip(value, -2)
-        lp = chain_log_prob(chain, value)
+        lp = chain_log_prob(self._map(type(self)._single_chain), value)
         return jnp.broadcast_to(lp, lax.broadcast_shapes(value.shape[:-2], self.batch_shape))
 
 
@@ -694,6 +703,25 @@ class LDSPosterior(_ChainDistribution):
         # a smoothed mean plus a prior path, whose gradient is posterior_stats' custom VJP.
         chain, potentials = args
         return lambda e: posterior_sample(chain, potentials, e, schedule)
+
+    @classmethod
+    def _single_log_prob(cls, args, z, num_steps, schedule):
+        chain, potentials = args
+        return posterior_log_prob(chain, potentials, z, schedule)
+
+    @validate_sample
+    def log_prob(self, value):
+        """Log-density of trajectories ``value`` of shape ``[..., T, k]``.
+
+        The value is the backward chain's; its gradient (also w.r.t. ``value``) is written
+        out, without reverse mode through the filter (see
+        :func:`numpyro_lds.kalman.posterior_log_prob`).
+        """
+        value = self._checked_value(value)
+        shape = lax.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        sample_shape = shape[: len(shape) - len(self.batch_shape)]
+        value = jnp.broadcast_to(value, shape + self.event_shape)
+        return self._map_draws(type(self)._single_log_prob, value, sample_shape)
 
     # Moments, log-normalizer and KL go through posterior_stats, whose gradient is a custom
     # VJP instead of reverse mode through the scans.

@@ -19,6 +19,8 @@ def test_float32_matches_float64_on_a_hard_long_sequence(T):
     assert r["grad_y_rel_err"] <= 1e-3 and r["grad_var_rel_err"] <= 1e-3
     # The general formula (Terms A-C), which SVI uses: as robust.
     assert r["kl_terms_rel_err"] <= 1e-3 and r["grad_terms_rel_err"] <= 1e-3
+    # log q and its gradient (Trace_ELBO's path), the latter by the log-normalizer identity.
+    assert r["log_prob_rel_err"] <= 1e-4 and r["grad_log_prob_rel_err"] <= 1e-4
     assert r["max_asymmetry"] == 0.0
     assert r["min_eigenvalue"] > 0.0
     assert np.isfinite(r["kl32"])

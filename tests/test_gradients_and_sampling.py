@@ -113,7 +113,9 @@ def test_log_prob_and_sample_gradients_match_finite_differences(kind):
     prior = random_prior(rng, k, T)
     diag = kind == "posterior_diag_emission"
     post = random_posterior(rng, prior, d=3 if diag else None, diag=diag, mask=True)
-    z = jnp.asarray(rng.normal(size=(T, k)))
+    # Two paths with different weights: log q's gradient w.r.t. the posterior's inputs sums
+    # each path's explicit gradient minus the weights' sum times ∇ log Z.
+    z = jnp.asarray(rng.normal(size=(2, T, k)))
     weights = jnp.asarray(rng.normal(size=(T, k)))
     key = jax.random.key(3)
 
@@ -138,7 +140,14 @@ def test_log_prob_and_sample_gradients_match_finite_differences(kind):
     }
     if diag:
         params["H"] = post.emission_matrix
-    check_grads(lambda p: build(p).log_prob(z), (params,), order=1, modes=["rev"], eps=1e-6)
+    lp_weights = jnp.array([0.7, -1.3])
+    check_grads(
+        lambda p, z: jnp.sum(lp_weights * build(p).log_prob(z)),
+        (params, z),
+        order=1,
+        modes=["rev"],
+        eps=1e-6,
+    )
     check_grads(
         lambda p: jnp.sum(build(p).sample(key) * weights),
         (params,),
