@@ -61,7 +61,9 @@ from numpyro_lds.linalg import (
     sum_last,
     sum_to_shape,
     symmetrize,
+    traced_as,
     tracing,
+    tracing_state,
     transpose,
 )
 
@@ -857,7 +859,7 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
     pass, so the parallel schedule stays parallel.
     """
     check_schedule(schedule)
-    return _posterior_stats_custom(chain, potentials, schedule)
+    return _posterior_stats_custom(chain, potentials, schedule, tracing_state())
 
 
 def _posterior_stats(chain, potentials, schedule):
@@ -871,12 +873,18 @@ def _smoothed_moments(chain, filtered: FilterResult, schedule) -> Moments:
     return reverse_moments(chain_moments(backward, num_steps, schedule))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _posterior_stats_custom(chain, potentials, schedule):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _posterior_stats_custom(chain, potentials, schedule, state):
+    # ``state``: the tracing declarations at the call, for the rules (linalg.tracing_state).
     return _posterior_stats(chain, potentials, schedule)
 
 
-def _posterior_stats_fwd(chain, potentials, schedule):
+def _posterior_stats_fwd(chain, potentials, schedule, state):
+    with traced_as(state):
+        return _posterior_stats_fwd_traced(chain, potentials, schedule)
+
+
+def _posterior_stats_fwd_traced(chain, potentials, schedule):
     filtered = _filter(chain, potentials, schedule)
     moments = _smoothed_moments(chain, filtered, schedule)
     # The filter is kept for the backward pass (two [T, k, k] arrays more than the
@@ -929,20 +937,21 @@ def posterior_log_prob(chain: GaussMarkovChain, potentials: Potentials, z, sched
     the identity's sum of large terms that cancel loses more digits in float32.
     """
     check_schedule(schedule)
-    return _posterior_log_prob(chain, potentials, z, schedule)
+    return _posterior_log_prob(chain, potentials, z, schedule, tracing_state())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _posterior_log_prob(chain, potentials, z, schedule):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _posterior_log_prob(chain, potentials, z, schedule, state):
     backward = condition_on_potentials(chain, potentials, schedule).backward_chain
     return chain_log_prob(backward, jnp.flip(z, -2))
 
 
-def _posterior_log_prob_fwd(chain, potentials, z, schedule):
-    filtered = _filter(chain, potentials, schedule)
-    backward = smoother_chain(chain, filtered)
-    moments = reverse_moments(chain_moments(backward, z.shape[-2], schedule))
-    return chain_log_prob(backward, jnp.flip(z, -2)), (chain, potentials, z, moments)
+def _posterior_log_prob_fwd(chain, potentials, z, schedule, state):
+    with traced_as(state):
+        filtered = _filter(chain, potentials, schedule)
+        backward = smoother_chain(chain, filtered)
+        moments = reverse_moments(chain_moments(backward, z.shape[-2], schedule))
+        return chain_log_prob(backward, jnp.flip(z, -2)), (chain, potentials, z, moments)
 
 
 def _joint_log_density(chain, potentials, z):
@@ -956,7 +965,12 @@ def _joint_log_density(chain, potentials, z):
     return chain_log_prob(chain, z) + jnp.sum(jnp.where(mask, node, 0.0), -1)
 
 
-def _posterior_log_prob_bwd(schedule, res, g):
+def _posterior_log_prob_bwd(schedule, state, res, g):
+    with traced_as(state):
+        return _posterior_log_prob_bwd_traced(res, g)
+
+
+def _posterior_log_prob_bwd_traced(res, g):
     chain, potentials, z, moments = res
     _, joint_vjp = jax.vjp(_joint_log_density, chain, potentials, z)
     g_chain, g_potentials, g_z = joint_vjp(g)
@@ -994,7 +1008,12 @@ def _natural_from_moments(moments: Moments):
     return (m, moments.covs + _outer(m, m), moments.cross_covs + _outer(m[1:], m[:-1]))
 
 
-def _posterior_stats_bwd(schedule, res, cotangent):
+def _posterior_stats_bwd(schedule, state, res, cotangent):
+    with traced_as(state):
+        return _posterior_stats_bwd_traced(schedule, res, cotangent)
+
+
+def _posterior_stats_bwd_traced(schedule, res, cotangent):
     chain, potentials, moments, filtered = res
     moments_bar, log_z_bar = cotangent
     natural = _natural_from_moments(moments)

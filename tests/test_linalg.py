@@ -112,3 +112,42 @@ def test_gaussian_energy_value_and_closed_form_gradient(k, cov_shape):
     for h, wnt in zip(have, want, strict=True):
         assert h.shape == wnt.shape
         np.testing.assert_allclose(h, wnt, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", ["posterior_stats", "posterior_log_prob"])
+def test_custom_vjp_rules_are_traced_under_the_declarations_of_the_call(fn, monkeypatch):
+    # JAX traces a custom VJP's forward rule when it differentiates and its backward rule
+    # when it transposes, after the caller's `tracing` block has exited: both must see the
+    # declarations in force at the call (a vmapped sequence's scans otherwise take the
+    # single-matrix forms, which cost 1.4x at batch 64).
+    from numpyro_lds import kalman
+
+    T, k = 5, 2
+    chain = kalman.GaussMarkovChain(
+        jnp.zeros(k), jnp.eye(k), 0.9 * jnp.eye(k)[None], jnp.zeros((1, k)), jnp.eye(k)[None]
+    )
+    seen = []
+    for name in ("_filter", "_expected_log_joint_along_grad"):
+        original = getattr(kalman, name)
+
+        def recording(*args, _original=original, **kwargs):
+            seen.append(linalg._CONTEXT.batched)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kalman, name, recording)
+
+    def single(y):
+        potentials = kalman.Potentials(y, jnp.ones((T, k)), jnp.eye(k)[None], jnp.ones(T, bool))
+        if fn == "posterior_stats":
+            return jnp.sum(kalman.posterior_stats(chain, potentials).moments.means)
+        return jnp.sum(kalman.posterior_log_prob(chain, potentials, y[None]))
+
+    def batched(y):
+        with linalg.tracing(batched=True):
+            return jnp.sum(jax.vmap(single)(y))
+
+    jax.grad(batched)(jnp.ones((3, T, k)))
+    assert (linalg._CONTEXT.loop, linalg._CONTEXT.batched) == (0, 0)
+    # Under grad, JAX traces the forward rule (which filters) and the backward rule (which
+    # takes the expected log-joint's gradient), not the primal: both traced batched.
+    assert len(seen) == 2 and all(seen), seen
