@@ -205,7 +205,8 @@ class _ChainDistribution(Distribution):
 
     Subclasses provide ``_core_args`` (the arrays and their per-sequence ndims) and
     ``_single_chain`` (the chain of one sequence); ``_chain_reversed`` says whether that
-    chain runs backward in time. Everything else is generic.
+    chain runs backward in time. Everything else is generic, except that a backward chain
+    (``LDSPosterior``) supplies its own draws and log-density.
     """
 
     support = constraints.real_matrix
@@ -355,8 +356,6 @@ class _ChainDistribution(Distribution):
     def log_prob(self, value):
         """Log-density of trajectories ``value`` of shape ``[..., T, k]``."""
         value = self._checked_value(value)
-        if type(self)._chain_reversed:
-            value = jnp.flip(value, -2)
         lp = chain_log_prob(self._map(type(self)._single_chain), value)
         return jnp.broadcast_to(lp, lax.broadcast_shapes(value.shape[:-2], self.batch_shape))
 

@@ -119,7 +119,7 @@ def test_custom_vjp_rules_are_traced_under_the_declarations_of_the_call(fn, monk
     # JAX traces a custom VJP's forward rule when it differentiates and its backward rule
     # when it transposes, after the caller's `tracing` block has exited: both must see the
     # declarations in force at the call (a vmapped sequence's scans otherwise take the
-    # single-matrix forms, which cost 1.4x at batch 64).
+    # single-matrix forms, which cost 1.25-1.35x at batch 64).
     from numpyro_lds import kalman
 
     T, k = 5, 2
