@@ -68,6 +68,30 @@ def kl_value_and_grad(T, k, dtype, device, schedule, formula="shortcut"):
     return jax.jit(jax.value_and_grad(kl, argnums=(0, 1))), (put(y), put(var))
 
 
+def log_prob_value_and_grad(T, k, dtype, device, schedule):
+    """``LDSPosterior.log_prob`` at a fixed path and its gradient w.r.t. the potentials and
+    the path (the written-out gradient of ``kalman.posterior_log_prob``)."""
+    A, y, var, mask = problem(T, k)
+    put = lambda x: jax.device_put(jnp.asarray(x, dtype), device)  # noqa: E731
+    prior = LinearGaussianStateSpace(
+        put(np.zeros(k)),
+        put(np.eye(k)),
+        put(A),
+        put(0.1 * np.eye(k)),
+        num_steps=T,
+        schedule=schedule,
+        validate_args=False,
+    )
+    mask = jax.device_put(jnp.asarray(mask), device)
+    z = 0.5 * np.random.default_rng(1).normal(size=(T, k))
+
+    def log_q(y, var, z):
+        q = LDSPosterior(prior, y, potential_var=var, mask=mask, validate_args=False)
+        return q.log_prob(z)
+
+    return jax.jit(jax.value_and_grad(log_q, argnums=(0, 1, 2))), (put(y), put(var), put(z))
+
+
 def timed(f, args, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
@@ -110,6 +134,20 @@ def main(args):
                 f"{rel(gv, ref_gv):.1e}, "
                 f"finite {bool(np.isfinite(kl) and np.all(np.isfinite(gy)))}; "
                 f"compile {compile_s:.2f}s, median {med * 1e3:.1f} ms",
+                flush=True,
+            )
+    # the posterior's log-density and its gradient, each schedule in float32
+    if args.check_log_prob:
+        f_ref, a_ref = log_prob_value_and_grad(args.check_T, 4, jnp.float64, cpu, "sequential")
+        ref_lp, ref_g = f_ref(*a_ref)
+        for schedule in args.check_log_prob:
+            f, a = log_prob_value_and_grad(args.check_T, 4, jnp.float32, gpu, schedule)
+            lp, g = f(*a)
+            errs = " / ".join(f"{rel(x, r):.1e}" for x, r in zip(g, ref_g, strict=True))
+            print(
+                f"check T={args.check_T} k=4 {schedule} log q float32: rel err "
+                f"{rel(lp, ref_lp):.1e}, grad rel err (y / var / z) {errs}, "
+                f"finite {bool(np.isfinite(lp) and all(np.all(np.isfinite(x)) for x in g))}",
                 flush=True,
             )
     # timings, float32, in the order given (most important first)
@@ -164,6 +202,12 @@ if __name__ == "__main__":
             "parallel:16:general",
         ],
         help="schedule:k:formula checks against CPU float64 (formula: shortcut or general)",
+    )
+    p.add_argument(
+        "--check-log-prob",
+        nargs="*",
+        default=["parallel", "sequential"],
+        help="schedules whose LDSPosterior.log_prob (value + gradient) is checked, k = 4",
     )
     p.add_argument("--check-T", type=int, default=1_000, help="checked, then timed")
     p.add_argument("--check-dtype", nargs="+", default=["float32"])

@@ -391,7 +391,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
       num_steps: ``T``. Required when no argument has a time axis of length ``T - 1``;
         must agree when one does.
       schedule: how recursions over time run: ``"sequential"`` (a scan), ``"parallel"``
-        (associative scan, ``O(log T)`` depth; for GPUs and long sequences) or
+        (parallel-in-time prefix scan, ``O(log T)`` depth; for GPUs and long sequences) or
         ``"blocked"`` (two-level scan). Same results; None picks by backend
         (sequential on CPU, parallel on GPU/TPU). See the performance page.
       validate_args: check positive definiteness and finiteness of the arguments.

@@ -19,8 +19,10 @@ set of functions (moments, log-density, sampling, entropy) serves both.
 The three recursions over time (filter, chain moments, sampling) take a ``schedule``:
 
 - ``"sequential"``: one ``lax.scan`` step per time step (Joseph-form Kalman updates).
-- ``"parallel"``: ``lax.associative_scan`` over per-step elements (Särkkä &
-  García-Fernández 2021), ``O(log T)`` depth: for GPUs and long sequences.
+- ``"parallel"``: per-step elements (Särkkä & García-Fernández 2021) combined by
+  recursive doubling, in blocks of :data:`PARALLEL_BLOCK` steps and then across the
+  block totals: ``O(log T)`` depth, and each operator traced three times whatever ``T``,
+  so compile time does not grow with ``T``: for GPUs and long sequences.
 - ``"blocked"``: the same associative elements combined in a two-level scan: ``≈√T``
   blocks scanned side by side, then the block totals carried across blocks. ``O(√T)``
   sequential steps of vectorized work, cheap to compile: for CPUs. It applies to the
@@ -68,6 +70,7 @@ from numpyro_lds.linalg import (
 )
 
 __all__ = [
+    "PARALLEL_BLOCK",
     "SCHEDULES",
     "FilterResult",
     "GaussMarkovChain",
@@ -143,7 +146,11 @@ class Posterior(NamedTuple):
     log_normalizer: jnp.ndarray
 
 
+#: The values ``schedule=`` takes (None picks one by backend: :func:`resolve_schedule`).
 SCHEDULES = ("sequential", "blocked", "parallel")
+
+#: Block length of the ``"parallel"`` schedule (see :func:`prefix_scan`).
+PARALLEL_BLOCK = 16
 
 
 def check_schedule(schedule):
@@ -171,8 +178,9 @@ def prefix_scan(op, elems, schedule):
       op: associative ``op(a, b)`` (``a`` earlier in time) on pytrees whose leaves carry
         any leading batch axes.
       elems: pytree of arrays with a leading axis of length ``n``.
-      schedule: ``"sequential"`` (one scan step per element), ``"parallel"``
-        (``lax.associative_scan``) or ``"blocked"`` (two-level scan, see module docs).
+      schedule: ``"sequential"`` (one scan step per element), ``"parallel"`` (blocks of
+        :data:`PARALLEL_BLOCK` elements, then the block totals, each by recursive
+        doubling) or ``"blocked"`` (two-level scan), see module docs.
 
     Returns:
       The prefixes, with the structure and shapes of ``elems``.
@@ -181,9 +189,14 @@ def prefix_scan(op, elems, schedule):
         raise ValueError("prefix_scan needs an explicit schedule")
     n = jax.tree.leaves(elems)[0].shape[0]
     if schedule == "parallel":
-        return lax.associative_scan(op, elems)
+        if n <= PARALLEL_BLOCK:
+            return _doubling_prefix_scan(op, elems)
+        return _two_level_prefix_scan(
+            op, elems, n, PARALLEL_BLOCK, _doubling_prefix_scan, _doubling_prefix_scan
+        )
     if schedule == "blocked" and n >= 16:
-        return _blocked_prefix_scan(op, elems, n)
+        size = -(-n // math.isqrt(n))
+        return _two_level_prefix_scan(op, elems, n, size, _sequential_in_blocks, _sequential)
 
     def step(carry, e):
         carry = op(carry, e)
@@ -236,9 +249,48 @@ def _from_start(step_x, num_steps):
     return (jnp.arange(num_steps) == 0,) + jax.tree.map(pad, step_x)
 
 
-def _blocked_prefix_scan(op, elems, n):
-    num_blocks = math.isqrt(n)
-    size = -(-n // num_blocks)
+def _doubling_prefix_scan(op, elems):
+    """Prefixes along the leading axis by recursive doubling (Hillis & Steele 1986).
+
+    Round ``r`` combines each element with the one ``2ʳ`` places earlier, ``⌈log₂ n⌉``
+    rounds in a ``fori_loop`` over arrays of one fixed shape, so ``op`` is traced once,
+    whatever ``n``; ``lax.associative_scan`` traces it ``≈ 2 log₂ n`` times over shrinking
+    shapes, which is what its compile time grew with. The work is ``n log₂ n`` combinations
+    instead of ``≈ 2n``: :func:`prefix_scan` runs it on short blocks, then on block totals.
+    The first ``2ʳ`` elements keep their value; their combination with the rolled-around
+    end of the sequence (valid elements too, so finite) is computed and discarded.
+    """
+    n = jax.tree.leaves(elems)[0].shape[0]
+    position = jnp.arange(n)
+
+    def round_(r, x):
+        shift = jnp.left_shift(1, r)
+        earlier = jax.tree.map(lambda a: jnp.roll(a, shift, axis=0), x)
+        later = position >= shift
+
+        def keep(combined, a):
+            return jnp.where(later.reshape((n,) + (1,) * (a.ndim - 1)), combined, a)
+
+        return jax.tree.map(keep, op(earlier, x), x)
+
+    return lax.fori_loop(0, max(n - 1, 0).bit_length(), round_, elems)
+
+
+def _sequential(op, elems):
+    return prefix_scan(op, elems, "sequential")
+
+
+def _sequential_in_blocks(op, elems):
+    """One scan over the leading axis, vectorized across the blocks of the next one."""
+    with tracing(batched=True):
+        return _sequential(op, elems)
+
+
+def _two_level_prefix_scan(op, elems, n, size, scan_within, scan_across):
+    """Prefixes of ``n`` elements in blocks of ``size``: ``scan_within`` (a prefix scan
+    along the leading axis) in every block at once, ``scan_across`` over the block totals,
+    then each block's prefixes combined with the total of the blocks before it."""
+    num_blocks = -(-n // size)
     pad = num_blocks * size - n
 
     def to_blocks(x):
@@ -247,9 +299,8 @@ def _blocked_prefix_scan(op, elems, n):
         return jnp.swapaxes(x.reshape((num_blocks, size) + x.shape[1:]), 0, 1)
 
     tree = jax.tree
-    with tracing(batched=True):
-        within = prefix_scan(op, tree.map(to_blocks, elems), "sequential")  # [size, blocks]
-    carried = prefix_scan(op, tree.map(lambda x: x[-1], within), "sequential")  # [blocks]
+    within = scan_within(op, tree.map(to_blocks, elems))  # [size, blocks]
+    carried = scan_across(op, tree.map(lambda x: x[-1], within))  # [blocks]
     later = tree.map(lambda x: x[:, 1:], within)
     before = tree.map(lambda c, w: jnp.broadcast_to(c[:-1], w.shape), carried, later)
     first_block = tree.map(lambda x: x[:, :1], within)

@@ -17,7 +17,7 @@ from numpyro.distributions.kl import kl_divergence
 import reference as ref
 from helpers import dense, random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
-from numpyro_lds.kalman import SCHEDULES, prefix_scan
+from numpyro_lds.kalman import PARALLEL_BLOCK, SCHEDULES, prefix_scan
 
 RTOL = 1e-8
 ATOL = 1e-10
@@ -112,7 +112,7 @@ def test_samples_and_gradients_equal_sequential(case, schedule):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 50])
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 50, 100])
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_prefix_scan_is_an_inclusive_prefix(schedule, n):
     """Non-commutative check: 2×2 matrix products in time order."""
@@ -123,6 +123,30 @@ def test_prefix_scan_is_an_inclusive_prefix(schedule, n):
     for t in range(n):
         acc = np.asarray(mats[t]) @ acc
         np.testing.assert_allclose(out[t], acc, rtol=1e-12)
+
+
+def test_parallel_prefix_scan_traces_its_operator_a_fixed_number_of_times():
+    """What bounds the parallel schedule's compile time: its operator is traced once for a
+    block of PARALLEL_BLOCK elements or fewer and three times for any longer sequence (in
+    blocks, across the block totals, the last combination), not once per level."""
+    counts = {}
+    for n in (2, PARALLEL_BLOCK, PARALLEL_BLOCK + 1, 40, 4_000, 400_000):
+        calls = []
+
+        def op(a, b, calls=calls):
+            calls.append(None)
+            return jnp.matmul(b, a)
+
+        jax.jit(lambda m: prefix_scan(op, m, "parallel")).lower(jnp.zeros((n, 2, 2)))
+        counts[n] = len(calls)
+    assert counts == {
+        2: 1,
+        PARALLEL_BLOCK: 1,
+        PARALLEL_BLOCK + 1: 3,
+        40: 3,
+        4_000: 3,
+        400_000: 3,
+    }
 
 
 def test_default_schedule_is_sequential_on_cpu():
