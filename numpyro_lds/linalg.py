@@ -39,7 +39,7 @@ def _per_matrix(fn, *arrays):
     """
     batch = arrays[-1].shape[:-2]
     *others, last = [x.reshape((-1,) + x.shape[-2:]) for x in arrays]
-    if last.shape[0] == 0:  # (the associative scan makes empty slices)
+    if last.shape[0] == 0:  # an empty batch: nothing to factorize
         return arrays[-1]
 
     def body(i, out):
