@@ -4,7 +4,8 @@ Run on a machine with a GPU (``python benchmarks/gpu_check.py``); prints one lin
 measurement and stops starting new work after ``--deadline`` seconds (default 270, so the
 whole run stays under 5 minutes). It checks that the GPU results of each schedule
 (sequential, blocked and parallel-in-time), in float32, match a float64 sequential run
-on the CPU (the same code), then times the KL value + gradient (w.r.t. the potentials)
+on the CPU (the same code), as does ``LDSPosterior.log_prob`` with its gradient
+(``--check-log-prob``), then times the KL value + gradient (w.r.t. the potentials)
 with ``jit`` at that length and at each of ``--runs``: compile time separately, then the
 median of repeats, and the device's peak memory. Each check and run names its formula:
 ``shortcut`` (the KL against the guide's own prior, ``Σ E_q log φ − log Z``) or
@@ -40,25 +41,26 @@ def problem(T, k, seed=0):
     return A, y, var, mask
 
 
+def build_prior(T, k, A, put, schedule):
+    """The problem's LDS prior, its arrays placed by ``put`` (dtype and device)."""
+    return LinearGaussianStateSpace(
+        put(np.zeros(k)),
+        put(np.eye(k)),
+        put(A),
+        put(0.1 * np.eye(k)),
+        num_steps=T,
+        schedule=schedule,
+        validate_args=False,
+    )
+
+
 def kl_value_and_grad(T, k, dtype, device, schedule, formula="shortcut"):
     """``formula="general"``: the KL against the same prior built a second time, as in SVI
     (the guide's prior and the model's are separate objects), so it takes Terms A-C."""
     A, y, var, mask = problem(T, k)
     put = lambda x: jax.device_put(jnp.asarray(x, dtype), device)  # noqa: E731
-
-    def build():
-        return LinearGaussianStateSpace(
-            put(np.zeros(k)),
-            put(np.eye(k)),
-            put(A),
-            put(0.1 * np.eye(k)),
-            num_steps=T,
-            schedule=schedule,
-            validate_args=False,
-        )
-
-    prior = build()
-    p = prior if formula == "shortcut" else build()
+    prior = build_prior(T, k, A, put, schedule)
+    p = prior if formula == "shortcut" else build_prior(T, k, A, put, schedule)
     mask = jax.device_put(jnp.asarray(mask), device)
 
     def kl(y, var):
@@ -73,15 +75,7 @@ def log_prob_value_and_grad(T, k, dtype, device, schedule):
     the path (the written-out gradient of ``kalman.posterior_log_prob``)."""
     A, y, var, mask = problem(T, k)
     put = lambda x: jax.device_put(jnp.asarray(x, dtype), device)  # noqa: E731
-    prior = LinearGaussianStateSpace(
-        put(np.zeros(k)),
-        put(np.eye(k)),
-        put(A),
-        put(0.1 * np.eye(k)),
-        num_steps=T,
-        schedule=schedule,
-        validate_args=False,
-    )
+    prior = build_prior(T, k, A, put, schedule)
     mask = jax.device_put(jnp.asarray(mask), device)
     z = 0.5 * np.random.default_rng(1).normal(size=(T, k))
 
