@@ -329,7 +329,7 @@ def write(rows, out, device):
         f.write(f"jax {jax.__version__}, {device.device_kind} ({device.platform})\n\n")
         f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
         for r in rows:
-            cells = ("" if r.get(c) in (None, "None") else str(r.get(c)) for c in fields)
+            cells = ("" if r.get(c) is None else str(r.get(c)) for c in fields)
             f.write("| " + " | ".join(cells) + " |\n")
     plot(rows, out)
 
