@@ -1,0 +1,118 @@
+"""What is alive at the memory peak of the KL value + gradient (issue: speed and scale).
+
+XLA's memory estimate (``bench_kl.py``'s ``peak_mb``) is the size of one buffer that
+holds every temporary, placed by the compiled program's schedule. This script compiles
+the KL + gradient by Terms A–C (as SVI computes it, against a second prior object),
+walks the scheduled entry computation of the optimized HLO in order, and prints the
+large values (``≥ --min-mb``) alive at the instruction where their total peaks: what
+defines each, where it was defined and last used (instruction numbers), and the JAX
+operation XLA's metadata names. Aliases (bitcasts, tuples, loop results) count once.
+Values inside loop bodies are small (one time step) and not counted.
+
+    python benchmarks/memory_liveness.py --k 16 --T 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_kl import ours, problem  # noqa: E402
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "f32": 4, "s32": 4, "f64": 8, "s64": 8}
+_ALIASES = ("bitcast", "get-tuple-element", "tuple", "while")
+
+
+def _nbytes(shape):
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([0-9,]*)\]", shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _BYTES.get(dtype, 4)
+    return total
+
+
+def entry_instructions(hlo_text):
+    """``[(name, shape, opcode, operands, op_name)]`` of the entry computation, in order."""
+    lines = hlo_text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    out = []
+    for line in lines[start + 1 :]:
+        if line.startswith("}"):
+            break
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.+?) ([\w\-]+)\((.*)", line)
+        if m is None:
+            continue
+        name, shape, opcode, rest = m.groups()
+        operands = re.findall(r"%([\w.\-]+)", re.split(r"metadata=|calls=", rest)[0])
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        out.append((name, shape, opcode, operands, op_name.group(1) if op_name else ""))
+    return out
+
+
+def live_at_peak(instructions, min_bytes):
+    """``(peak bytes, instruction at the peak, [(name, def, last use, shape, op_name)])``."""
+    index = {name: i for i, (name, *_) in enumerate(instructions)}
+    info = {name: (shape, opcode, ops, meta) for name, shape, opcode, ops, meta in instructions}
+
+    def buffers(name):
+        _, opcode, ops, _ = info[name]
+        if opcode not in _ALIASES:
+            return {name}
+        return set().union(*(buffers(o) for o in ops if o in info)) if ops else set()
+
+    last = {}
+    for i, (_, _, _, ops, _) in enumerate(instructions):
+        for o in ops:
+            if o in info:
+                for b in buffers(o):
+                    last[b] = max(last.get(b, i), i)
+    big = [
+        name
+        for name, shape, opcode, _, _ in instructions
+        if opcode not in _ALIASES + ("parameter", "constant")
+        and _nbytes(shape.split("{")[0]) >= min_bytes
+    ]
+    size = {b: _nbytes(info[b][0].split("{")[0]) for b in big}
+    peak, at = 0, 0
+    for i in range(len(instructions)):
+        live = sum(size[b] for b in big if index[b] <= i <= last.get(b, index[b]))
+        if live > peak:
+            peak, at = live, i
+    rows = [
+        (b, index[b], last.get(b, index[b]), info[b][0].split("{")[0], info[b][3])
+        for b in big
+        if index[b] <= at <= last.get(b, index[b])
+    ]
+    return peak, instructions[at][0], rows
+
+
+def main(args):
+    p = problem(args.T, args.k, 1, jnp.float32)
+    fn, fn_args = ours(p, args.schedule)[f"numpyro_lds KL+grad (Terms A-C) [{args.schedule}]"]
+    compiled = jax.jit(fn).lower(*fn_args).compile()
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    print(f"jax {jax.__version__}; k = {args.k}, T = {args.T}, {args.schedule}, float32")
+    temp = mem.temp_size_in_bytes
+    print(f"XLA memory estimate: {total / 1e9:.3f} GB (temporaries {temp / 1e9:.3f})")
+    peak, at, rows = live_at_peak(entry_instructions(compiled.as_text()), args.min_mb * 2**20)
+    print(f"values >= {args.min_mb} MiB alive at their peak ({at}): {peak / 2**20:.0f} MiB")
+    for name, first, last, shape, op_name in rows:
+        print(f"  {name:34s} def {first:4d} last use {last:4d} {shape:22s} {op_name[:110]}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--T", type=int, default=100_000)
+    parser.add_argument("--schedule", default="sequential")
+    parser.add_argument("--min-mb", type=float, default=50.0)
+    main(parser.parse_args())
