@@ -265,8 +265,13 @@ def test_custom_vjp_equals_reverse_mode_for_every_input(schedule, shared, diagon
         return 0.7 * stats.log_normalizer + moments
 
     argnums = (0, 1, 2, 3)
-    custom = jax.grad(lambda *a: loss(lambda c, p: posterior_stats(c, p, schedule), *a), argnums)
-    plain = jax.grad(lambda *a: loss(lambda c, p: _posterior_stats(c, p, schedule), *a), argnums)
+    # Under jit, as SVI runs it: one compilation instead of one per primitive.
+    custom = jax.jit(
+        jax.grad(lambda *a: loss(lambda c, p: posterior_stats(c, p, schedule), *a), argnums)
+    )
+    plain = jax.jit(
+        jax.grad(lambda *a: loss(lambda c, p: _posterior_stats(c, p, schedule), *a), argnums)
+    )
     for a, b in zip(
         jax.tree.leaves(custom(chain, *pot)), jax.tree.leaves(plain(chain, *pot)), strict=True
     ):
@@ -404,6 +409,6 @@ def test_variances_equal_their_diagonal_covariance():
         def kl(p=p, **cov):
             return kl_divergence(LDSPosterior(prior, y, emission_matrix=H, mask=mask, **cov), p)
 
-        g_var = jax.grad(lambda v: kl(potential_var=v))(var)
-        g_cov = jax.grad(lambda c: kl(potential_cov=c))(diag_cov)
+        g_var = jax.jit(jax.grad(lambda v: kl(potential_var=v)))(var)
+        g_cov = jax.jit(jax.grad(lambda c: kl(potential_cov=c)))(diag_cov)
         np.testing.assert_allclose(g_var, jnp.diagonal(g_cov, axis1=-2, axis2=-1), rtol=1e-10)
