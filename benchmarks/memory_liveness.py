@@ -68,19 +68,18 @@ def live_at_peak(instructions, min_bytes):
             return {name}
         return set().union(*(buffers(o) for o in ops if o in info)) if ops else set()
 
-    last = {}
+    last = {}  # instructions run in order: the latest use seen is the last
     for i, (_, _, _, ops, _) in enumerate(instructions):
         for o in ops:
             if o in info:
                 for b in buffers(o):
-                    last[b] = max(last.get(b, i), i)
-    big = [
-        name
+                    last[b] = i
+    size = {
+        name: _nbytes(shape)
         for name, shape, opcode, _, _ in instructions
         if opcode not in _ALIASES + ("parameter", "constant")
-        and _nbytes(shape.split("{")[0]) >= min_bytes
-    ]
-    size = {b: _nbytes(info[b][0].split("{")[0]) for b in big}
+    }
+    big = [b for b, nbytes in size.items() if nbytes >= min_bytes]
     peak, at = 0, 0
     for i in range(len(instructions)):
         live = sum(size[b] for b in big if index[b] <= i <= last.get(b, index[b]))
