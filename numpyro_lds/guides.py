@@ -65,11 +65,23 @@ class AutoLDSGuide(AutoGuide):
     AutoNormal`. With ``TraceMeanField_ELBO`` the LDS sites use the exact KL. When the model
     is linear-Gaussian with fixed dynamics, the optimum of this guide is the exact posterior.
 
+    Sequences of different lengths are batched by padding them to a common ``T``: the
+    model masks the likelihood of the padded steps, and ``potential_mask`` removes the
+    guide's potentials there. Beyond its last potential a sequence's posterior follows the
+    prior's own transitions, so the padded steps add exactly nothing to the KL, and the
+    real steps' moments, gradients and ``log_normalizer`` are those of the unpadded
+    sequence (``tests/test_lengths.py``); only the compute of the padded steps is spent.
+
     Args:
       model: a NumPyro model.
       encoder: optional callable ``encoder(*args, **kwargs) -> {site: (potential_mean,
         potential_var)}`` called inside the guide (register its networks there, e.g. with
         ``numpyro.contrib.module.flax_module``). Shapes: the site's ``batch_shape + [T, k]``.
+      potential_mask: optional callable ``potential_mask(*args, **kwargs) -> {site: mask}``
+        called inside the guide with the model's arguments: ``mask`` (bool, the site's
+        ``batch_shape + [T]``) is False at steps without a potential, such as the padding
+        of a shorter sequence or a step the model does not observe. Sites left out of the
+        dict have a potential at every step.
       init_loc_fn: initialization strategy (as for NumPyro's autoguides): the initial
         potential means at LDS sites and the initial locations of other sites. The default,
         ``init_to_median``, starts the potentials at the prior's median trajectory;
@@ -80,6 +92,8 @@ class AutoLDSGuide(AutoGuide):
 
     Raises:
       NotImplementedError: for an LDS site inside a subsampled plate.
+      ValueError: if ``potential_mask`` returns a mask for a site that is not an LDS site
+        of the model, or one whose shape is not the site's ``batch_shape + [T]``.
 
     References:
       Johnson, M. J. et al. (2016). Composing graphical models with neural networks for
@@ -102,9 +116,17 @@ class AutoLDSGuide(AutoGuide):
     """
 
     def __init__(
-        self, model, *, encoder=None, init_loc_fn=init_to_median, init_scale=10.0, prefix="auto"
+        self,
+        model,
+        *,
+        encoder=None,
+        potential_mask=None,
+        init_loc_fn=init_to_median,
+        init_scale=10.0,
+        prefix="auto",
     ):
         self.encoder = encoder
+        self.potential_mask = potential_mask
         self._init_scale = init_scale
         self._lds_sites: dict = {}
         self._other = None
@@ -164,12 +186,34 @@ class AutoLDSGuide(AutoGuide):
         """Sample the non-LDS sites, then build the LDS sites' guide distributions."""
         values = self._other(*args, **kwargs) if self._other is not None else {}
         encoded = self.encoder(*args, **kwargs) if self.encoder is not None else None
+        masks = self._masks(*args, **kwargs)
         out = {}
         for name, fn in self._model_priors(values, *args, **kwargs).items():
             prior, wrappers = _unwrap(fn)
             mean, var = self._potentials(name, prior, encoded)
-            out[name] = _rewrap(LDSPosterior(prior, mean, potential_var=var), wrappers)
+            mask = masks.get(name)
+            expected = prior.batch_shape + prior.event_shape[:1]
+            if mask is not None and jnp.shape(mask) != expected:
+                raise ValueError(
+                    f"potential_mask for site {name!r} must have shape {expected} (the site's "
+                    f"batch_shape + [T]), got {jnp.shape(mask)}"
+                )
+            q = LDSPosterior(prior, mean, potential_var=var, mask=mask)
+            out[name] = _rewrap(q, wrappers)
         return values, out
+
+    def _masks(self, *args, **kwargs):
+        """``potential_mask``'s masks by site, checked against the model's LDS sites."""
+        if self.potential_mask is None:
+            return {}
+        masks = dict(self.potential_mask(*args, **kwargs))
+        unknown = sorted(set(masks) - set(self._lds_sites))
+        if unknown:
+            raise ValueError(
+                f"potential_mask returned masks for {unknown}, which are not LDS sites of the "
+                f"model; its LDS sites are {sorted(self._lds_sites)}"
+            )
+        return masks
 
     def __call__(self, *args, **kwargs):
         if self.prototype_trace is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions.kl import kl_divergence
 
-from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
+from numpyro_lds import AutoLDSGuide, LDSPosterior, LinearGaussianStateSpace, kl_terms
 
 I2 = np.eye(2)
 
@@ -259,3 +260,26 @@ def test_non_pd_covariance_under_jit_gives_nan():
         return kl_divergence(d, prior())
 
     assert np.isnan(float(jax.jit(kl)(-jnp.eye(2))))
+
+
+@pytest.mark.parametrize(
+    "masks, msg",
+    [
+        (
+            {"x": np.ones(4, bool)},
+            r"\['x'\], which are not LDS sites of the model; its LDS sites are \['z'\]",
+        ),
+        (
+            {"z": np.ones(5, bool)},
+            r"potential_mask for site 'z' must have shape \(4,\).*got \(5,\)",
+        ),
+    ],
+    ids=["guide_mask_site", "guide_mask_shape"],
+)
+def test_guide_rejects_bad_potential_masks(masks, msg):
+    def model():
+        numpyro.sample("z", prior())
+
+    guide = AutoLDSGuide(model, potential_mask=lambda: masks)
+    with pytest.raises(ValueError, match=msg):
+        numpyro.handlers.seed(guide, rng_seed=0)()

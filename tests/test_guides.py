@@ -23,29 +23,40 @@ def _prior(batch=()):
 
 
 def test_optimum_is_the_exact_kalman_smoother():
+    """Sequences of lengths 6, 4 and 2, padded to T = 6: the model masks the likelihood of
+    the padded steps and the guide its potentials there (``potential_mask``)."""
     prior = _prior()
     y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(N, T, K)))
+    valid = jnp.arange(T) < jnp.asarray([T, 4, 2])[:, None]
 
-    def model(y):
+    def model(y, valid):
         with numpyro.plate("seq", N):
             z = numpyro.sample("z", prior)
-            numpyro.sample("y", dist.Normal(z, jnp.sqrt(OBS_VAR)).to_event(2), obs=y)
+            likelihood = dist.Normal(z, jnp.sqrt(OBS_VAR)).mask(valid[..., None])
+            numpyro.sample("y", likelihood.to_event(2), obs=y)
 
-    guide = AutoLDSGuide(model, init_scale=1.0)
+    guide = AutoLDSGuide(model, potential_mask=lambda y, valid: {"z": valid}, init_scale=1.0)
     schedule = lambda i: 0.05 * 0.01 ** (i / 2000)  # noqa: E731
     svi = SVI(model, guide, Adam(schedule), TraceMeanField_ELBO(num_particles=4))
-    result = svi.run(jax.random.key(0), 2000, y_obs, progress_bar=False)
-    exact = LDSPosterior(prior.expand((N,)), y_obs, potential_var=jnp.full((N, T, K), OBS_VAR))
-    q = guide.get_posteriors(result.params, y_obs)["z"]
+    result = svi.run(jax.random.key(0), 2000, y_obs, valid, progress_bar=False)
+    exact = LDSPosterior(
+        prior.expand((N,)), y_obs, potential_var=jnp.full((N, T, K), OBS_VAR), mask=valid
+    )
+    q = guide.get_posteriors(result.params, y_obs, valid)["z"]
+    np.testing.assert_array_equal(q.potential_mask, valid)
     sd = np.sqrt(exact.variance)
     np.testing.assert_array_less(np.abs(q.mean - exact.mean), 0.1 * sd)
     np.testing.assert_allclose(np.sqrt(q.variance), sd, rtol=0.1)
-    med = guide.median(result.params, y_obs)["z"]
+    # Masked potentials get no gradient: Adam leaves them at their initial variance, 1.
+    np.testing.assert_allclose(result.params["z_auto_potential_var"][~valid], 1.0, rtol=1e-12)
+    med = guide.median(result.params, y_obs, valid)["z"]
     np.testing.assert_allclose(med, q.mean)
-    qs = guide.quantiles(result.params, [0.5, 0.975], y_obs)["z"]
+    qs = guide.quantiles(result.params, [0.5, 0.975], y_obs, valid)["z"]
     np.testing.assert_allclose(qs[0], q.mean, atol=1e-12)
     np.testing.assert_allclose(qs[1], q.mean + 1.959964 * np.sqrt(q.variance), rtol=1e-5)
-    draws = guide.sample_posterior(jax.random.key(1), result.params, y_obs, sample_shape=(5, 2))
+    draws = guide.sample_posterior(
+        jax.random.key(1), result.params, y_obs, valid, sample_shape=(5, 2)
+    )
     assert draws["z"].shape == (5, 2, N, T, K)
 
 
