@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from numpyro.distributions.distribution import (
     Independent,
     MaskedDistribution,
 )
+from numpyro.distributions.util import periodic_repeat
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
 from numpyro.infer.initialization import init_to_median
 
@@ -72,16 +73,31 @@ class AutoLDSGuide(AutoGuide):
     real steps' moments, gradients and ``log_normalizer`` are those of the unpadded
     sequence (``tests/test_lengths.py``); only the compute of the padded steps is spent.
 
+    Minibatches of sequences: put the LDS site in a subsampled ``numpyro.plate``. The free
+    potentials are parameters of the plate's full size, of which each step uses the
+    subsample's rows; the model's prior built inside the guide, the ``AutoNormal`` of other
+    sites, the encoder and ``potential_mask`` run with the same rows (inside the encoder,
+    ``numpyro.subsample(y, event_dim=2)`` gives the minibatch's data), and NumPyro scales
+    the KL and the likelihood by the plate's size over the subsample's. To read the fit
+    for every sequence afterwards, pass ``create_plates`` whose plate takes the subsample
+    size from the model's arguments, and call :meth:`get_posteriors` with it set to
+    ``None``.
+
     Args:
       model: a NumPyro model.
       encoder: optional callable ``encoder(*args, **kwargs) -> {site: (potential_mean,
         potential_var)}`` called inside the guide (register its networks there, e.g. with
         ``numpyro.contrib.module.flax_module``). Shapes: the site's ``batch_shape + [T, k]``.
+        Called inside the plates around every LDS site.
       potential_mask: optional callable ``potential_mask(*args, **kwargs) -> {site: mask}``
         called inside the guide with the model's arguments: ``mask`` (bool, the site's
         ``batch_shape + [T]``) is False at steps without a potential, such as the padding
         of a shorter sequence or a step the model does not observe. Sites left out of the
-        dict have a potential at every step.
+        dict have a potential at every step. Called inside the plates around every LDS
+        site, like ``encoder``.
+      create_plates: optional callable ``create_plates(*args, **kwargs)`` returning the
+        guide's ``numpyro.plate``\ s (one or a list), as for NumPyro's autoguides: for
+        subsampling, a plate whose ``subsample_size`` comes from the model's arguments.
       init_loc_fn: initialization strategy (as for NumPyro's autoguides): the initial
         potential means at LDS sites and the initial locations of other sites. The default,
         ``init_to_median``, starts the potentials at the prior's median trajectory;
@@ -91,7 +107,6 @@ class AutoLDSGuide(AutoGuide):
       prefix: prefix of the guide's parameter names.
 
     Raises:
-      NotImplementedError: for an LDS site inside a subsampled plate.
       ValueError: if ``potential_mask`` returns a mask for a site that is not an LDS site
         of the model, or one whose shape is not the site's ``batch_shape + [T]``.
 
@@ -121,6 +136,7 @@ class AutoLDSGuide(AutoGuide):
         *,
         encoder=None,
         potential_mask=None,
+        create_plates=None,
         init_loc_fn=init_to_median,
         init_scale=10.0,
         prefix="auto",
@@ -130,7 +146,7 @@ class AutoLDSGuide(AutoGuide):
         self._init_scale = init_scale
         self._lds_sites: dict = {}
         self._other = None
-        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn, create_plates=create_plates)
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -139,12 +155,16 @@ class AutoLDSGuide(AutoGuide):
                 continue
             prior, _ = _unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
-                for frame in site["cond_indep_stack"]:
-                    if self._prototype_frame_full_sizes[frame.name] != frame.size:
-                        raise NotImplementedError(
-                            f"LDS site {name!r} is inside the subsampled plate {frame.name!r}"
-                        )
                 self._lds_sites[name] = site
+                # Free potentials are parameters of the full size of every plate (subsampled
+                # plates take their rows): the prototype's initial values are repeated to it.
+                event_dim = site["fn"].event_dim
+                for frame in site["cond_indep_stack"]:
+                    full_size = self._prototype_frame_full_sizes[frame.name]
+                    if full_size != frame.size:
+                        self._init_locs[name] = periodic_repeat(
+                            self._init_locs[name], full_size, frame.dim - event_dim
+                        )
         others = [
             n
             for n, s in self.prototype_trace.items()
@@ -156,41 +176,68 @@ class AutoLDSGuide(AutoGuide):
                 prefix=self.prefix,
                 init_loc_fn=self.init_loc_fn,
                 init_scale=min(self._init_scale, 0.1),
+                create_plates=self.create_plates,
             )
 
-    def _model_priors(self, values, *args, **kwargs):
+    def _model_priors(self, values, indices, *args, **kwargs):
         """The model's distributions at the LDS sites, given the other latents' values.
 
         Samples stay inside (blocked, seeded locally); parameters pass through, so the
-        priors use the current parameter values.
+        priors use the current parameter values; subsampled plates take the guide's indices.
         """
-        model = handlers.substitute(handlers.seed(self.model, rng_seed=0), data=values)
+        data = {**values, **indices}
+        model = handlers.substitute(handlers.seed(self.model, rng_seed=0), data=data)
         with handlers.block(hide_fn=lambda msg: msg["type"] != "param"):
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         return {name: trace[name]["fn"] for name in self._lds_sites}
 
     def _potentials(self, name, prior, encoded):
+        """Free potentials (called inside the site's plates) or the encoder's."""
         if encoded is not None:
             return encoded[name]
-        shape = prior.batch_shape + prior.event_shape
-        init_mean = jnp.broadcast_to(self._init_locs[name], shape)
-        mean = numpyro.param(f"{name}_{self.prefix}_potential_mean", init_mean)
+        init_mean = self._init_locs[name]
+        event_dim = self._lds_sites[name]["fn"].event_dim
+        mean = numpyro.param(f"{name}_{self.prefix}_potential_mean", init_mean, event_dim=event_dim)
         var = numpyro.param(
             f"{name}_{self.prefix}_potential_var",
-            jnp.full(shape, self._init_scale**2),
+            jnp.full(jnp.shape(init_mean), self._init_scale**2),
             constraint=constraints.softplus_positive,
+            event_dim=event_dim,
         )
-        return mean, var
+        shape = prior.batch_shape + prior.event_shape
+        return jnp.broadcast_to(mean, shape), jnp.broadcast_to(var, shape)
 
-    def _posteriors(self, *args, **kwargs):
+    @staticmethod
+    @contextmanager
+    def _in_plates(plates, frames):
+        """Run the code inside under the plates of ``frames``."""
+        with ExitStack() as stack:
+            for frame in frames:
+                stack.enter_context(plates[frame.name])
+            yield
+
+    def _shared_frames(self):
+        """The plates around every LDS site: the encoder and ``potential_mask`` run in them."""
+        stacks = [site["cond_indep_stack"] for site in self._lds_sites.values()]
+        return [f for f in stacks[0] if all(f in s for s in stacks[1:])] if stacks else []
+
+    def _posteriors(self, plates, *args, **kwargs):
         """Sample the non-LDS sites, then build the LDS sites' guide distributions."""
-        values = self._other(*args, **kwargs) if self._other is not None else {}
-        encoded = self.encoder(*args, **kwargs) if self.encoder is not None else None
-        masks = self._masks(*args, **kwargs)
+        indices = {}
+        for name, plate in plates.items():
+            with plate as idx:
+                indices[name] = idx
+        values = {}
+        if self._other is not None:
+            values = handlers.substitute(self._other, data=indices)(*args, **kwargs)
+        with self._in_plates(plates, self._shared_frames()):
+            encoded = self.encoder(*args, **kwargs) if self.encoder is not None else None
+            masks = self._masks(*args, **kwargs)
         out = {}
-        for name, fn in self._model_priors(values, *args, **kwargs).items():
+        for name, fn in self._model_priors(values, indices, *args, **kwargs).items():
             prior, wrappers = _unwrap(fn)
-            mean, var = self._potentials(name, prior, encoded)
+            with self._in_plates(plates, self._lds_sites[name]["cond_indep_stack"]):
+                mean, var = self._potentials(name, prior, encoded)
             mask = masks.get(name)
             expected = prior.batch_shape + prior.event_shape[:1]
             if mask is not None and jnp.shape(mask) != expected:
@@ -218,12 +265,10 @@ class AutoLDSGuide(AutoGuide):
     def __call__(self, *args, **kwargs):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        result, posteriors = self._posteriors(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
+        result, posteriors = self._posteriors(plates, *args, **kwargs)
         for name, q in posteriors.items():
-            with ExitStack() as stack:
-                for frame in self._lds_sites[name]["cond_indep_stack"]:
-                    stack.enter_context(plates[frame.name])
+            with self._in_plates(plates, self._lds_sites[name]["cond_indep_stack"]):
                 result[name] = numpyro.sample(name, q)
         return result
 

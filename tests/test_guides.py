@@ -135,3 +135,120 @@ def test_encoder_provides_the_potentials():
     )
     assert "enc_w" in result.params and "z_auto_potential_mean" not in result.params
     assert result.losses[-20:].mean() < result.losses[:20].mean()
+
+
+def test_subsampled_plate_loss_is_the_scaled_exact_kl_of_the_subsample():
+    """A plate of 4 sequences subsampled 2 at a time, with a per-sequence latent shift and a
+    per-sequence known offset: the guide's potentials and the shift's AutoNormal take the
+    plate's rows, the model's prior (built inside the guide) the same rows, and the loss is
+    the exact KL of the subsample scaled by 4 / 2."""
+    base = _prior()
+    n = 4
+    offsets = 10.0 * jnp.arange(n)
+
+    def prior_of(shift):
+        return type(base)(
+            base.initial_mean + shift[..., None],
+            base.initial_cov,
+            base.transition_matrix,
+            base.transition_cov,
+            num_steps=T,
+        )
+
+    def model():
+        with numpyro.plate("seq", n, subsample_size=2):
+            shift = numpyro.sample("shift", dist.Normal(0.0, 1.0))
+            numpyro.sample("z", prior_of(shift + numpyro.subsample(offsets, event_dim=0)))
+
+    guide = AutoLDSGuide(model)
+    svi = SVI(model, guide, Adam(0.01), TraceMeanField_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0)))
+    assert params["z_auto_potential_mean"].shape == (n, T, K)
+    rng = np.random.default_rng(3)
+    params = dict(
+        params,
+        z_auto_potential_mean=jnp.asarray(rng.normal(size=(n, T, K))),
+        z_auto_potential_var=jnp.asarray(rng.uniform(0.5, 2.0, size=(n, T, K))),
+        shift_auto_loc=jnp.asarray(rng.normal(size=n)),
+    )
+    subsets = set()
+    for seed in range(4):
+        key = jax.random.key(seed)
+        loss = float(TraceMeanField_ELBO().loss(key, params, model, guide))
+        # replay the guide as the ELBO runs it: its plate's rows and its draw of the shifts
+        _, guide_key = jax.random.split(key)
+        tr = numpyro.handlers.trace(
+            numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), data=params)
+        ).get_trace()
+        idx = np.asarray(tr["seq"]["value"])
+        subsets.add(tuple(sorted(idx)))
+        shift = tr["shift"]["value"]
+        q_shift = dist.Normal(params["shift_auto_loc"][idx], params["shift_auto_scale"][idx])
+        p_z = prior_of(shift + offsets[idx])
+        q_z = LDSPosterior(
+            p_z,
+            params["z_auto_potential_mean"][idx],
+            potential_var=params["z_auto_potential_var"][idx],
+        )
+        kl = kl_divergence(q_shift, dist.Normal(0.0, 1.0)) + kl_divergence(q_z, p_z)
+        np.testing.assert_allclose(loss, float(n / 2 * jnp.sum(kl)), rtol=1e-8)
+    assert len(subsets) > 1  # the plate did subsample
+
+
+def test_subsampled_fit_reaches_the_exact_smoother_of_every_sequence():
+    """SVI on minibatches of 2 of 4 sequences (an encoder-free guide with ``create_plates``);
+    afterwards the guide gives every sequence's posterior with ``batch=None``."""
+    prior = _prior()
+    n = 4
+    y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
+
+    def model(y, batch=None):
+        with numpyro.plate("seq", n, subsample_size=batch):
+            z = numpyro.sample("z", prior)
+            y_b = numpyro.subsample(y, event_dim=2)
+            numpyro.sample("y", dist.Normal(z, jnp.sqrt(OBS_VAR)).to_event(2), obs=y_b)
+
+    def plates(y, batch=None):
+        return numpyro.plate("seq", n, subsample_size=batch)
+
+    guide = AutoLDSGuide(model, create_plates=plates, init_scale=1.0)
+    schedule = lambda i: 0.05 * 0.01 ** (i / 3000)  # noqa: E731
+    svi = SVI(model, guide, Adam(schedule), TraceMeanField_ELBO(num_particles=4))
+    result = svi.run(jax.random.key(0), 3000, y_obs, 2, progress_bar=False)
+    q = guide.get_posteriors(result.params, y_obs, None)["z"]
+    assert q.batch_shape == (n,)
+    exact = LDSPosterior(prior.expand((n,)), y_obs, potential_var=jnp.full((n, T, K), OBS_VAR))
+    sd = np.sqrt(exact.variance)
+    np.testing.assert_array_less(np.abs(q.mean - exact.mean), 0.1 * sd)
+    np.testing.assert_allclose(np.sqrt(q.variance), sd, rtol=0.1)
+
+
+def test_encoder_and_potential_mask_run_inside_the_subsampled_plate():
+    """``numpyro.subsample`` in an encoder or a ``potential_mask`` takes the plate's rows."""
+    prior = _prior()
+    n = 4
+    y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
+    valid = jnp.arange(T) < jnp.asarray([T, 5, 4, 3])[:, None]
+
+    def model(y, valid):
+        with numpyro.plate("seq", n, subsample_size=2):
+            z = numpyro.sample("z", prior)
+            y_b = numpyro.subsample(y, event_dim=2)
+            likelihood = dist.Normal(z, 1.0).mask(numpyro.subsample(valid, event_dim=1)[..., None])
+            numpyro.sample("y", likelihood.to_event(2), obs=y_b)
+
+    def encoder(y, valid):
+        y_b = numpyro.subsample(y, event_dim=2)
+        return {"z": (2.0 * y_b, jnp.ones_like(y_b))}
+
+    guide = AutoLDSGuide(
+        model,
+        encoder=encoder,
+        potential_mask=lambda y, valid: {"z": numpyro.subsample(valid, event_dim=1)},
+    )
+    for seed in range(3):
+        tr = numpyro.handlers.trace(numpyro.handlers.seed(guide, seed)).get_trace(y_obs, valid)
+        idx = np.asarray(tr["seq"]["value"])
+        q = tr["z"]["fn"]
+        np.testing.assert_array_equal(q.potential_mean, 2.0 * y_obs[idx])
+        np.testing.assert_array_equal(q.potential_mask, valid[idx])
