@@ -23,41 +23,53 @@ def _prior(batch=()):
 
 
 def test_optimum_is_the_exact_kalman_smoother():
-    """Sequences of lengths 6, 4 and 2, padded to T = 6: the model masks the likelihood of
-    the padded steps and the guide its potentials there (``potential_mask``)."""
+    """Minibatches of 2 of 4 sequences of lengths 6, 6, 4 and 2, padded to T = 6: the model
+    masks the likelihood of the padded steps and the guide its potentials there
+    (``potential_mask``); ``create_plates`` lets the guide read every sequence after the fit
+    (``batch=None``)."""
     prior = _prior()
-    y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(N, T, K)))
-    valid = jnp.arange(T) < jnp.asarray([T, 4, 2])[:, None]
+    n = 4
+    y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
+    valid = jnp.arange(T) < jnp.asarray([T, T, 4, 2])[:, None]
 
-    def model(y, valid):
-        with numpyro.plate("seq", N):
+    def model(y, valid, batch=None):
+        with numpyro.plate("seq", n, subsample_size=batch):
             z = numpyro.sample("z", prior)
-            likelihood = dist.Normal(z, jnp.sqrt(OBS_VAR)).mask(valid[..., None])
-            numpyro.sample("y", likelihood.to_event(2), obs=y)
+            observed = numpyro.subsample(valid, event_dim=1)[..., None]
+            likelihood = dist.Normal(z, jnp.sqrt(OBS_VAR)).mask(observed)
+            numpyro.sample("y", likelihood.to_event(2), obs=numpyro.subsample(y, event_dim=2))
 
-    guide = AutoLDSGuide(model, potential_mask=lambda y, valid: {"z": valid}, init_scale=1.0)
-    schedule = lambda i: 0.05 * 0.01 ** (i / 2000)  # noqa: E731
+    def plates(y, valid, batch=None):
+        return numpyro.plate("seq", n, subsample_size=batch)
+
+    def potential_mask(y, valid, batch=None):
+        return {"z": numpyro.subsample(valid, event_dim=1)}
+
+    guide = AutoLDSGuide(model, potential_mask=potential_mask, create_plates=plates, init_scale=1.0)
+    schedule = lambda i: 0.05 * 0.01 ** (i / 3000)  # noqa: E731
     svi = SVI(model, guide, Adam(schedule), TraceMeanField_ELBO(num_particles=4))
-    result = svi.run(jax.random.key(0), 2000, y_obs, valid, progress_bar=False)
+    result = svi.run(jax.random.key(0), 3000, y_obs, valid, 2, progress_bar=False)
+    params = result.params
+    assert params["z_auto_potential_mean"].shape == (n, T, K)
     exact = LDSPosterior(
-        prior.expand((N,)), y_obs, potential_var=jnp.full((N, T, K), OBS_VAR), mask=valid
+        prior.expand((n,)), y_obs, potential_var=jnp.full((n, T, K), OBS_VAR), mask=valid
     )
-    q = guide.get_posteriors(result.params, y_obs, valid)["z"]
+    q = guide.get_posteriors(params, y_obs, valid, None)["z"]
     np.testing.assert_array_equal(q.potential_mask, valid)
     sd = np.sqrt(exact.variance)
     np.testing.assert_array_less(np.abs(q.mean - exact.mean), 0.1 * sd)
     np.testing.assert_allclose(np.sqrt(q.variance), sd, rtol=0.1)
     # Masked potentials get no gradient: Adam leaves them at their initial variance, 1.
-    np.testing.assert_allclose(result.params["z_auto_potential_var"][~valid], 1.0, rtol=1e-12)
-    med = guide.median(result.params, y_obs, valid)["z"]
+    np.testing.assert_allclose(params["z_auto_potential_var"][~valid], 1.0, rtol=1e-12)
+    med = guide.median(params, y_obs, valid, None)["z"]
     np.testing.assert_allclose(med, q.mean)
-    qs = guide.quantiles(result.params, [0.5, 0.975], y_obs, valid)["z"]
+    qs = guide.quantiles(params, [0.5, 0.975], y_obs, valid, None)["z"]
     np.testing.assert_allclose(qs[0], q.mean, atol=1e-12)
     np.testing.assert_allclose(qs[1], q.mean + 1.959964 * np.sqrt(q.variance), rtol=1e-5)
     draws = guide.sample_posterior(
-        jax.random.key(1), result.params, y_obs, valid, sample_shape=(5, 2)
+        jax.random.key(1), params, y_obs, valid, None, sample_shape=(5, 2)
     )
-    assert draws["z"].shape == (5, 2, N, T, K)
+    assert draws["z"].shape == (5, 2, n, T, K)
 
 
 def test_lds_site_takes_the_closed_form_with_learned_prior_and_other_latents():
@@ -193,34 +205,6 @@ def test_subsampled_plate_loss_is_the_scaled_exact_kl_of_the_subsample():
         kl = kl_divergence(q_shift, dist.Normal(0.0, 1.0)) + kl_divergence(q_z, p_z)
         np.testing.assert_allclose(loss, float(n / 2 * jnp.sum(kl)), rtol=1e-8)
     assert len(subsets) > 1  # the plate did subsample
-
-
-def test_subsampled_fit_reaches_the_exact_smoother_of_every_sequence():
-    """SVI on minibatches of 2 of 4 sequences (an encoder-free guide with ``create_plates``);
-    afterwards the guide gives every sequence's posterior with ``batch=None``."""
-    prior = _prior()
-    n = 4
-    y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
-
-    def model(y, batch=None):
-        with numpyro.plate("seq", n, subsample_size=batch):
-            z = numpyro.sample("z", prior)
-            y_b = numpyro.subsample(y, event_dim=2)
-            numpyro.sample("y", dist.Normal(z, jnp.sqrt(OBS_VAR)).to_event(2), obs=y_b)
-
-    def plates(y, batch=None):
-        return numpyro.plate("seq", n, subsample_size=batch)
-
-    guide = AutoLDSGuide(model, create_plates=plates, init_scale=1.0)
-    schedule = lambda i: 0.05 * 0.01 ** (i / 3000)  # noqa: E731
-    svi = SVI(model, guide, Adam(schedule), TraceMeanField_ELBO(num_particles=4))
-    result = svi.run(jax.random.key(0), 3000, y_obs, 2, progress_bar=False)
-    q = guide.get_posteriors(result.params, y_obs, None)["z"]
-    assert q.batch_shape == (n,)
-    exact = LDSPosterior(prior.expand((n,)), y_obs, potential_var=jnp.full((n, T, K), OBS_VAR))
-    sd = np.sqrt(exact.variance)
-    np.testing.assert_array_less(np.abs(q.mean - exact.mean), 0.1 * sd)
-    np.testing.assert_allclose(np.sqrt(q.variance), sd, rtol=0.1)
 
 
 def test_encoder_and_potential_mask_run_inside_the_subsampled_plate():
