@@ -7,7 +7,9 @@ matrix A and process noise learned) and a flax MLP decoder (through
 with an MLP encoder that maps each frame to a Gaussian potential; the structured posterior
 is the learned prior conditioned on those potentials. TraceMeanField_ELBO uses the exact
 KL between the guide and the prior; ``--mc-kl`` trains the same model with Trace_ELBO (a
-sampled KL) for comparison. Figures: the ELBO curve, latent trajectories, reconstructions.
+sampled KL) for comparison. ``--batch-size B`` trains on minibatches of B sequences (a
+subsampled plate; the encoder takes the minibatch's frames with ``numpyro.subsample``).
+Figures: the ELBO curve, latent trajectories, reconstructions.
 """
 
 import argparse
@@ -51,21 +53,27 @@ def make_video(key, num_sequences, num_timesteps, num_pixels, noise=0.05):
     return z, frames + noise * jax.random.normal(k2, frames.shape)
 
 
-def model(x):
+def model(x, batch_size=None):
     N, T, D = x.shape
     A = numpyro.param("A", 0.9 * jnp.eye(K))
     q = numpyro.param("process_var", 0.1 * jnp.ones(K), constraint=dist.constraints.positive)
     decoder = flax_module("decoder", MLP(D), input_shape=(1, K))
     sd = numpyro.param("obs_sd", 0.3, constraint=dist.constraints.positive)
     prior = LinearGaussianStateSpace(jnp.zeros(K), jnp.eye(K), A, jnp.diag(q), num_steps=T)
-    with numpyro.plate("sequences", N):
+    with numpyro.plate("sequences", N, subsample_size=batch_size):
         z = numpyro.sample("z", prior)
-        numpyro.sample("x", dist.Normal(decoder(z), sd).to_event(2), obs=x)
+        x_batch = numpyro.subsample(x, event_dim=2)
+        numpyro.sample("x", dist.Normal(decoder(z), sd).to_event(2), obs=x_batch)
 
 
-def encoder(x):
+def plates(x, batch_size=None):
+    """The guide's plate, subsampled as the model's (AutoLDSGuide's ``create_plates``)."""
+    return numpyro.plate("sequences", x.shape[0], subsample_size=batch_size)
+
+
+def encoder(x, batch_size=None):
     net = flax_module("encoder", MLP(2 * K), input_shape=(1, x.shape[-1]))
-    out = net(x)
+    out = net(numpyro.subsample(x, event_dim=2))
     return {"z": (out[..., :K], jax.nn.softplus(out[..., K:]) + 1e-3)}
 
 
@@ -73,15 +81,15 @@ def main(args):
     z_true, x = make_video(
         jax.random.key(0), args.num_sequences, args.num_timesteps, args.num_pixels
     )
-    guide = AutoLDSGuide(model, encoder=encoder)
+    guide = AutoLDSGuide(model, encoder=encoder, create_plates=plates)
     loss = Trace_ELBO() if args.mc_kl else TraceMeanField_ELBO()
     print(f"training with {'a sampled' if args.mc_kl else 'the exact'} KL ({type(loss).__name__})")
     svi = SVI(model, guide, numpyro.optim.Adam(args.learning_rate), loss)
-    result = svi.run(jax.random.key(1), args.num_steps, x, progress_bar=False)
+    result = svi.run(jax.random.key(1), args.num_steps, x, args.batch_size, progress_bar=False)
     for i in range(0, args.num_steps, max(1, args.num_steps // 10)):
         print(f"step {i:5d}  loss {float(result.losses[i]):12.2f}")
 
-    q = guide.get_posteriors(result.params, x)["z"]
+    q = guide.get_posteriors(result.params, x, None)["z"]  # every sequence
     recon = numpyro.handlers.substitute(flax_module, data=result.params)
     decoder = recon("decoder", MLP(args.num_pixels), input_shape=(1, K))
     x_hat = decoder(q.mean)
@@ -111,6 +119,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-pixels", type=int, default=32)
     parser.add_argument("--num-steps", type=int, default=3000)
     parser.add_argument("--learning-rate", type=float, default=0.005)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     parser.add_argument("--mc-kl", action="store_true", help="sampled KL (Trace_ELBO) instead")
     parser.add_argument("--output", default="svae.png")
     main(parser.parse_args())

@@ -18,7 +18,10 @@ EXAMPLES = [
         ["--num-timesteps", "15", "--num-steps", "20", "--nuts-timesteps", "5"]
         + ["--num-warmup", "20", "--num-samples", "20"],
     ),
-    ("svae.py", ["--num-sequences", "2", "--num-timesteps", "6", "--num-steps", "5"]),
+    (
+        "svae.py",
+        ["--num-sequences", "2", "--num-timesteps", "6", "--num-steps", "5", "--batch-size", "1"],
+    ),
     ("svae.py", ["--num-sequences", "2", "--num-timesteps", "6", "--num-steps", "5", "--mc-kl"]),
 ]
 
