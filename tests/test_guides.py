@@ -22,6 +22,16 @@ def _prior(batch=()):
     return random_prior(np.random.default_rng(0), K, T, batch)
 
 
+def _loss_and_guide_trace(key, params, model, guide):
+    """``TraceMeanField_ELBO``'s loss with ``key``, and the guide's trace as the ELBO ran it."""
+    loss = float(TraceMeanField_ELBO().loss(key, params, model, guide))
+    _, guide_key = jax.random.split(key)
+    tr = numpyro.handlers.trace(
+        numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), data=params)
+    ).get_trace()
+    return loss, tr
+
+
 def test_optimum_is_the_exact_kalman_smoother():
     """Minibatches of 2 of 4 sequences of lengths 6, 6, 4 and 2, padded to T = 6: the model
     masks the likelihood of the padded steps and the guide its potentials there
@@ -94,13 +104,8 @@ def test_lds_site_takes_the_closed_form_with_learned_prior_and_other_latents():
     svi = SVI(model, guide, Adam(0.01), TraceMeanField_ELBO())
     params = dict(svi.get_params(svi.init(jax.random.key(0))), q_scale=0.7)
     for seed in range(2):
-        key = jax.random.key(seed)
-        loss = float(TraceMeanField_ELBO().loss(key, params, model, guide))
-        # replay what the ELBO does with this key: the guide's draw of "shift" sets both priors
-        _, guide_key = jax.random.split(key)
-        tr = numpyro.handlers.trace(
-            numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), data=params)
-        ).get_trace()
+        # the guide's draw of "shift" sets both priors
+        loss, tr = _loss_and_guide_trace(jax.random.key(seed), params, model, guide)
         shift = tr["shift"]["value"]
         q_z = tr["z"]["fn"]
         np.testing.assert_allclose(q_z.prior.initial_mean, base.initial_mean + shift)
@@ -185,13 +190,8 @@ def test_subsampled_plate_loss_is_the_scaled_exact_kl_of_the_subsample():
     )
     subsets = set()
     for seed in range(4):
-        key = jax.random.key(seed)
-        loss = float(TraceMeanField_ELBO().loss(key, params, model, guide))
-        # replay the guide as the ELBO runs it: its plate's rows and its draw of the shifts
-        _, guide_key = jax.random.split(key)
-        tr = numpyro.handlers.trace(
-            numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), data=params)
-        ).get_trace()
+        # the guide's plate rows and its draw of the shifts
+        loss, tr = _loss_and_guide_trace(jax.random.key(seed), params, model, guide)
         idx = np.asarray(tr["seq"]["value"])
         subsets.add(tuple(sorted(idx)))
         shift = tr["shift"]["value"]
