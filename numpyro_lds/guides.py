@@ -191,7 +191,7 @@ class AutoLDSGuide(AutoGuide):
             trace = handlers.trace(model).get_trace(*args, **kwargs)
         return {name: trace[name]["fn"] for name in self._lds_sites}
 
-    def _potentials(self, name, prior, encoded):
+    def _potentials(self, name, encoded):
         """Free potentials (called inside the site's plates) or the encoder's."""
         if encoded is not None:
             return encoded[name]
@@ -204,8 +204,7 @@ class AutoLDSGuide(AutoGuide):
             constraint=constraints.softplus_positive,
             event_dim=event_dim,
         )
-        shape = prior.batch_shape + prior.event_shape
-        return jnp.broadcast_to(mean, shape), jnp.broadcast_to(var, shape)
+        return mean, var
 
     @staticmethod
     @contextmanager
@@ -237,7 +236,7 @@ class AutoLDSGuide(AutoGuide):
         for name, fn in self._model_priors(values, indices, *args, **kwargs).items():
             prior, wrappers = _unwrap(fn)
             with self._in_plates(plates, self._lds_sites[name]["cond_indep_stack"]):
-                mean, var = self._potentials(name, prior, encoded)
+                mean, var = self._potentials(name, encoded)
             mask = masks.get(name)
             expected = prior.batch_shape + prior.event_shape[:1]
             if mask is not None and jnp.shape(mask) != expected:

@@ -54,14 +54,7 @@ def test_padded_sequences_equal_the_unpadded_ones_and_the_dense_gaussian():
     # every schedule.
     prior, q, unpadded, _ = _padded_batch()
     # Terms A–C against a prior rebuilt from the same arrays, and the identity against q.prior.
-    rebuilt = LinearGaussianStateSpace(
-        prior.initial_mean,
-        prior.initial_cov,
-        prior.transition_matrix,
-        prior.transition_cov,
-        prior.transition_offset,
-        num_steps=T,
-    )
+    rebuilt = _truncated(prior, T)
     kl_general = kl_divergence(q, rebuilt)
     kl_identity = q.kl_to_prior()
     for i, (n, q_i) in enumerate(zip(LENGTHS, unpadded, strict=True)):
