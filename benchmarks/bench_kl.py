@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -326,7 +327,9 @@ def write(rows, out, device):
         w.writeheader()
         w.writerows(rows)
     with open(out / "bench_kl.md", "w") as f:
-        f.write(f"jax {jax.__version__}, {device.device_kind} ({device.platform})\n\n")
+        flags = os.environ.get("XLA_FLAGS", "")
+        setting = f", XLA_FLAGS={flags!r}" if flags else ""
+        f.write(f"jax {jax.__version__}, {device.device_kind} ({device.platform}){setting}\n\n")
         f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
         for r in rows:
             cells = ("" if r.get(c) is None else str(r.get(c)) for c in fields)
