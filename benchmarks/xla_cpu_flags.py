@@ -25,11 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpyro
+from bench_kl import measure
 from numpyro.infer import SVI, TraceMeanField_ELBO
 from numpyro.infer.initialization import init_to_value
 
@@ -100,16 +100,8 @@ def svi_worker(repeats):
     writer = csv.writer(sys.stdout)
     for name, (svi, data) in svi_cases().items():
         state = svi.init(jax.random.key(1), data)
-        update = jax.jit(svi.update)
-        t0 = time.perf_counter()
-        jax.block_until_ready(update(state, data))
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(update(state, data))
-            times.append(time.perf_counter() - t0)
-        writer.writerow([name, 1e3 * statistics.median(times), compile_s])
+        compile_s, median, _, _ = measure(svi.update, (state, data), repeats)
+        writer.writerow([name, 1e3 * median, compile_s])
 
 
 def run_svi(flags, timeout):
