@@ -13,7 +13,7 @@ the same way (``TraceMeanField_ELBO``): the tracking model of ``examples/lds_tra
 and the structured VAE of ``examples/svae.py`` (``k = 2``, with its neural networks),
 since the flag applies to everything the process compiles.
 
-    python benchmarks/xla_cpu_flags.py          # about 15 minutes on 2 cores
+    python benchmarks/xla_cpu_flags.py          # about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per stage")
     ap.add_argument("--svi-repeats", type=int, default=200, help="SVI steps timed per case")
     ap.add_argument("--svi-worker", action="store_true", help=argparse.SUPPRESS)
