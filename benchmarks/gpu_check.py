@@ -178,8 +178,8 @@ if __name__ == "__main__":
         default=[
             "parallel:4:1000000:general",
             "parallel:16:1000000:general",
-            "blocked:4:1000000:general",
             "sequential:4:10000:general",
+            "blocked:4:100000:general",
             "parallel:4:1000000",
             "blocked:16:100000:general",
             "sequential:16:10000:general",

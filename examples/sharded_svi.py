@@ -12,6 +12,9 @@ On a CPU-only machine, simulate devices with::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/sharded_svi.py
 
+(with ``JAX_PLATFORMS=cpu`` added on a machine whose accelerator would otherwise be the
+one device).
+
 The script fits once on one device and once sharded over all devices, and prints both
 loss curves' largest difference (round-off of the cross-device sums only).
 """

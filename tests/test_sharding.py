@@ -37,7 +37,10 @@ print(json.dumps({
 
 
 def test_two_device_sharded_svi_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # two simulated host devices: on the CPU backend, also where an accelerator is present
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,
