@@ -5,8 +5,10 @@ holds every temporary, placed by the compiled program's schedule. This script co
 the KL + gradient by Terms A–C (as SVI computes it, against a second prior object),
 walks the scheduled entry computation of the optimized HLO in order, and prints the
 large values (``≥ --min-mb``) alive at the instruction where their total peaks: what
-defines each, where it was defined and last used (instruction numbers), and the JAX
-operation XLA's metadata names. Aliases (bitcasts, tuples, loop results) count once.
+defines each, where it was defined and last used (instruction numbers), and the source
+lines of this package that made it (innermost first, from the HLO's stack-frame tables;
+inside a custom VJP's rules only the call site is recorded), or else the JAX operation
+XLA's metadata names. Aliases (bitcasts, tuples, loop results) count once.
 Values inside loop bodies are small (one time step) and not counted.
 
     python benchmarks/memory_liveness.py --k 16 --T 100000
@@ -39,8 +41,43 @@ def _nbytes(shape):
     return total
 
 
+def _table(hlo_text, title):
+    """``{id: text}`` of one of the HLO module's ``FileNames``/``StackFrames``/… tables."""
+    m = re.search(rf"^{title}\n((?:\d+ .*\n)+)", hlo_text, re.M)
+    rows = re.findall(r"^(\d+) (.*)$", m.group(1), re.M) if m else []
+    return {int(i): text for i, text in rows}
+
+
+def source_stacks(hlo_text, package="numpyro_lds"):
+    """``{stack_frame_id: "file.py:line < file.py:line …"}``: the frames in ``package``,
+    innermost first, of every stack the metadata names."""
+    files = {i: t.strip('"') for i, t in _table(hlo_text, "FileNames").items()}
+    locations, parents = {}, {}
+    for i, t in _table(hlo_text, "FileLocations").items():
+        f, line = re.search(r"file_name_id=(\d+).*?\bline=(\d+)", t).groups()
+        locations[i] = (files.get(int(f), "?"), int(line))
+    frames = {}  # id: file location; parents[id]: the caller's frame
+    for i, t in _table(hlo_text, "StackFrames").items():
+        loc, parent = re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", t).groups()
+        frames[i] = int(loc)
+        parents[i] = int(parent)
+    stacks = {}
+    for i in frames:
+        names, j, seen = [], i, set()
+        while j in frames and j not in seen:
+            seen.add(j)
+            path, line = locations.get(frames[j], ("?", 0))
+            if f"/{package}/" in path:
+                names.append(f"{path.rsplit('/', 1)[-1]}:{line}")
+            j = parents[j] - 1  # printed one above the parent's id; 0: none
+        stacks[i] = " < ".join(names[:4])
+    return stacks
+
+
 def entry_instructions(hlo_text):
-    """``[(name, shape, opcode, operands, op_name)]`` of the entry computation, in order."""
+    """``[(name, shape, opcode, operands, where)]`` of the entry computation, in order;
+    ``where``: the package's source lines (innermost first) or JAX's op name."""
+    stacks = source_stacks(hlo_text)
     lines = hlo_text.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
     out = []
@@ -53,7 +90,9 @@ def entry_instructions(hlo_text):
         name, shape, opcode, rest = m.groups()
         operands = re.findall(r"%([\w.\-]+)", re.split(r"metadata=|calls=", rest)[0])
         op_name = re.search(r'op_name="([^"]*)"', line)
-        out.append((name, shape, opcode, operands, op_name.group(1) if op_name else ""))
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        where = stacks.get(int(frame.group(1)), "") if frame else ""
+        out.append((name, shape, opcode, operands, where or (op_name.group(1) if op_name else "")))
     return out
 
 
@@ -105,7 +144,7 @@ def main(args):
     peak, at, rows = live_at_peak(entry_instructions(compiled.as_text()), args.min_mb * 2**20)
     print(f"values >= {args.min_mb} MiB alive at their peak ({at}): {peak / 2**20:.0f} MiB")
     for name, first, last, shape, op_name in rows:
-        print(f"  {name:34s} def {first:4d} last use {last:4d} {shape:22s} {op_name[:110]}")
+        print(f"  {name:34s} def {first:4d} last use {last:4d} {shape:22s} {op_name[:130]}")
 
 
 if __name__ == "__main__":

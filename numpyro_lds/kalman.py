@@ -47,6 +47,7 @@ import numpy as np
 from jax import lax
 
 from numpyro_lds.linalg import (
+    HIGHEST,
     cho_solve,
     cholesky,
     gaussian_energy,
@@ -56,6 +57,7 @@ from numpyro_lds.linalg import (
     matvec,
     mvn_entropy,
     mvn_log_prob,
+    outer_sum,
     precision_from_chol,
     quad_form,
     solve_lower,
@@ -207,7 +209,7 @@ def prefix_scan(op, elems, schedule):
     return _cat_first(first, rest)
 
 
-def _scan(step, init, xs, length):
+def _scan(step, init, xs, length, reverse=False):
     """``lax.scan`` of ``length`` steps, its body traced as a loop body (``linalg.matmul``).
 
     A leaf of ``xs`` with a time axis of length 1 is shared by every step: it is closed
@@ -225,7 +227,7 @@ def _scan(step, init, xs, length):
         with tracing(loop=True):
             return step(carry, jax.tree.unflatten(treedef, x))
 
-    return lax.scan(body, init, scanned, length=length)
+    return lax.scan(body, init, scanned, length=length, reverse=reverse)
 
 
 def _from_start(step_x, num_steps):
@@ -348,8 +350,19 @@ def _transitions_along_time(chain, num_steps):
     return tuple(_along_time(x, num_steps - 1) for x in _transitions(chain))
 
 
-def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential") -> Moments:
-    """Marginal means, covariances and lag-one cross-covariances of a chain."""
+def chain_moments(
+    chain: GaussMarkovChain, num_steps: int, schedule="sequential", reverse=False
+) -> Moments:
+    """Marginal means, covariances and lag-one cross-covariances of a chain.
+
+    ``reverse=True``: the chain runs backward in time (the RTS smoother's kernels): its
+    initial state is ``z_T`` and its transition ``t`` gives ``z_t`` from ``z_{t+1}``, each
+    array indexed by forward time. The moments come in forward time either way
+    (``cross_covs[t] = Cov(z_{t+1}, z_t)``); sequentially the scan itself runs backward,
+    so no array is flipped (on the parallel schedule the chain is).
+    """
+    if reverse and schedule == "parallel":
+        return reverse_moments(chain_moments(_time_reversed(chain), num_steps, schedule))
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
     F, c, S = _transitions(chain)
     if schedule != "parallel":
@@ -361,15 +374,20 @@ def chain_moments(chain: GaussMarkovChain, num_steps: int, schedule="sequential"
             P_next = quad_form(F_t, P) + S_t
             return (m_next, P_next), (m_next, P_next)
 
-        _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S), num_steps - 1)
-        ms, Ps = _cat_first((m0, P0), (ms, Ps))
+        _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S), num_steps - 1, reverse=reverse)
+        if reverse:
+            ms, Ps = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), (ms, Ps), (m0, P0))
+        else:
+            ms, Ps = _cat_first((m0, P0), (ms, Ps))
     else:
         # z_t = (e_t ∘ … ∘ e_1)(·), e_1 = N(m0, P0) and e_t = N(F_{t-1} z + c_{t-1}, S_{t-1}).
         first = _Affine(jnp.zeros_like(P0), m0, P0)
         steps = _Affine(*_transitions_along_time(chain, num_steps))
         marginals = prefix_scan(_compose_affine, _cat_first(first, steps), schedule)
         ms, Ps = marginals.c, marginals.S
-    return Moments(ms, Ps, matmul(F, Ps[:-1]))
+    # Cov(z_{t+1}, z_t) = F_t P_t; backward, Cov(z_t, z_{t+1}) = G_t P_{t+1}, transposed.
+    cross = matmul(Ps[1:], transpose(F)) if reverse else matmul(F, Ps[:-1])
+    return Moments(ms, Ps, cross)
 
 
 def reverse_moments(moments: Moments) -> Moments:
@@ -592,6 +610,20 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     the Joseph form ``(I − G_t F_t) P^f_t (·)ᵀ + G_t S_t G_tᵀ``, PSD by construction.
     None of these depend on the backward pass, so they are computed for all t at once.
     """
+    return _time_reversed(_rts_kernels(chain, filtered))
+
+
+def _time_reversed(kernels: GaussMarkovChain) -> GaussMarkovChain:
+    """A backward chain's kernels indexed by forward time (:func:`_rts_kernels`) as a chain
+    in reversed time: each transition array flipped (shared ones are unchanged)."""
+    return GaussMarkovChain(
+        kernels.initial_mean, kernels.initial_cov, *(jnp.flip(x, 0) for x in _transitions(kernels))
+    )
+
+
+def _rts_kernels(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovChain:
+    """:func:`smoother_chain` with its kernels indexed by forward time (``G_t, h_t, L_t``
+    at entry ``t``), as :func:`chain_moments` takes a chain with ``reverse=True``."""
     k = filtered.filtered_means.shape[-1]
     F, _, S = _transitions(chain)
     mf, Pf = filtered.filtered_means[:-1], filtered.filtered_covs[:-1]
@@ -600,13 +632,7 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     I_GF = jnp.eye(k, dtype=mf.dtype) - matmul(G, F)
     L = quad_form(I_GF, Pf) + quad_form(G, S)
     h = mf - matvec(G, mp)
-    return GaussMarkovChain(
-        filtered.filtered_means[-1],
-        filtered.filtered_covs[-1],
-        jnp.flip(G, 0),
-        jnp.flip(h, 0),
-        jnp.flip(L, 0),
-    )
+    return GaussMarkovChain(filtered.filtered_means[-1], filtered.filtered_covs[-1], G, h, L)
 
 
 def _rts_gain(F, Pf, Pp):
@@ -704,14 +730,10 @@ def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -
     ms, Ps = moments.means[1:], moments.covs[1:]  # the smoothed z_{t+1}
     Z = matmul(matmul(G_dot, Ps), transpose(G))
     tangent_chain = GaussMarkovChain(
-        mf_dot[-1],
-        Pf_dot[-1],
-        jnp.flip(G, 0),
-        jnp.flip(matvec(G_dot, ms) + h_dot, 0),
-        jnp.flip(Z + transpose(Z) + L_dot, 0),
+        mf_dot[-1], Pf_dot[-1], G, matvec(G_dot, ms) + h_dot, Z + transpose(Z) + L_dot
     )
-    backward = chain_moments(tangent_chain, num_steps, schedule)
-    means_dot, covs_dot = jnp.flip(backward.means, 0), jnp.flip(backward.covs, 0)
+    backward = chain_moments(tangent_chain, num_steps, schedule, reverse=True)
+    means_dot, covs_dot = backward.means, backward.covs
     cross_dot = matmul(covs_dot[1:], transpose(G)) + matmul(Ps, transpose(G_dot))
     return Moments(means_dot, covs_dot, cross_dot)
 
@@ -729,18 +751,23 @@ def _along(weight, x, x_dot):
     return x if x_dot is None else weight * x + x_dot
 
 
-def _scatter(weight, e, e_dot, V):
-    """``V + w e eᵀ (+ ė eᵀ + e ėᵀ)``: the scatter of a residual ``e`` with tangent ``ė``."""
-    ee = _outer(e, e)
+def _scatter(weight, e, e_dot, V, outer=None):
+    """``V + w e eᵀ (+ ė eᵀ + e ėᵀ)``: the scatter of a residual ``e`` with tangent ``ė``.
+
+    ``outer``: how ``a bᵀ`` is formed, per step by default; :func:`~numpyro_lds.linalg.
+    outer_sum` sums it over the steps, for a ``V`` that is a sum (see
+    :func:`_transition_scatter`).
+    """
+    outer = _outer if outer is None else outer
+    ee = outer(e, e)
     if e_dot is None:
         return V + ee
-    cross = _outer(e_dot, e)
+    cross = outer(e_dot, e)
     return V + weight * ee + cross + transpose(cross)
 
 
-def _scatter_diagonal(weight, e, e_dot, V):
-    """The diagonal of :func:`_scatter`."""
-    diag_V = jnp.diagonal(V, axis1=-2, axis2=-1)
+def _scatter_diagonal(weight, e, e_dot, diag_V):
+    """The diagonal of :func:`_scatter`, from the diagonal of ``V``."""
     return diag_V + weight * e * e if e_dot is None else diag_V + (weight * e + 2 * e_dot) * e
 
 
@@ -752,31 +779,63 @@ def _initial_residual(moments, chain, tangent, weight):
     return e, e_dot, V
 
 
+def _shared_dynamics(chain):
+    """Whether ``F`` and ``S`` are the same at every step (stored with a time axis of 1)."""
+    return chain.transition_matrix.shape[0] == 1 and chain.transition_cov.shape[0] == 1
+
+
 def _transition_residuals(moments, chain, tangent, weight):
     """The transition terms' ``F``, ``C_w``, ``F P_w`` (for the gradient) and ``e, ė, V_w``.
 
     ``e_t = m_{t+1} − F_t m_t − c_t``, ``ė_t = ṁ_{t+1} − F_t ṁ_t`` and
     ``V_t = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ``, at ``w ω + ω̇`` along a tangent.
+
+    With shared dynamics (:func:`_shared_dynamics`) every term is affine in the sums over
+    the steps, ``Σ V_t = Σ P_{t+1} − (Σ C_t) Fᵀ − F (Σ C_t)ᵀ + F (Σ P_t) Fᵀ``: ``C_w``,
+    ``F P_w`` and ``V_w`` are then those sums (time axis 1). No ``k × k`` product is formed
+    per step, and no ``[T, k, k]`` temporary (three per transition term otherwise).
     """
     F, c, _ = _transitions(chain)
     m = moments.means
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     C = _along(weight, moments.cross_covs, None if tangent is None else tangent.cross_covs)
-    F_P = matmul(F, P[:-1])
+    P_next, P_prev = P[1:], P[:-1]
+    if _shared_dynamics(chain):
+        # Sums of whole arrays: no [T − 1, k, k] slice of P is stored to be summed.
+        P_sum, C = jnp.sum(P, axis=0, keepdims=True), jnp.sum(C, axis=0, keepdims=True)
+        P_next, P_prev = P_sum - P[:1], P_sum - P[-1:]
+    F_P = matmul(F, P_prev)
     CFt = matmul(C, transpose(F))
-    V = P[1:] - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
+    V = P_next - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
     e = m[1:] - matvec(F, m[:-1]) - c
     e_dot = None if tangent is None else tangent.means[1:] - matvec(F, tangent.means[:-1])
     return F, C, F_P, e, e_dot, V
 
 
 def _node_residuals(moments, potentials, tangent, weight):
-    """The potentials' ``H P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``."""
-    y, _, H, _ = _masked_potentials(potentials)
-    H_P = matmul(H, _along(weight, moments.covs, None if tangent is None else tangent.covs))
+    """The potentials' ``P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``.
+
+    ``V_w = H P_w Hᵀ``; for diagonal covariances only its diagonal ``[T, d]``.
+    """
+    y, R, H, _ = _masked_potentials(potentials)
+    P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     e = y - matvec(H, moments.means)
     e_dot = None if tangent is None else -matvec(H, tangent.means)
-    return H_P, e, e_dot, symmetrize(matmul(H_P, transpose(H)))
+    V = _emission_diagonal(H, P) if _is_diagonal(R, y) else quad_form(H, P)
+    return P, e, e_dot, V
+
+
+def _emission_diagonal(H, P):
+    """``diag(H_t P_t H_tᵀ)``, ``[T, d]``: ``Σ_jl H_ij H_il P_jl``.
+
+    With ``H`` shared by every step, one contraction of ``P`` (as ``[T, k²]``) with the
+    ``[k², d]`` products ``H_ij H_il``: no ``[T, d, k]`` product ``H P`` is formed.
+    """
+    if H.shape[0] != 1:
+        return jnp.sum(matmul(H, P) * H, axis=-1)
+    d, k = H.shape[-2:]
+    H_H = (H[0, :, :, None] * H[0, :, None, :]).reshape(d, k * k)
+    return jnp.einsum("tj,ij->ti", P.reshape(-1, k * k), H_H, precision=HIGHEST)
 
 
 def _initial_energy(moments, chain, tangent=None, weight=1.0):
@@ -789,7 +848,17 @@ def _transition_energies(moments, chain, tangent=None, weight=1.0):
     """``E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` per step (weighted, plus tangent)."""
     *_, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
     # The covariance keeps its time axis of 1 when shared: factored once.
-    return gaussian_energy(_scatter(weight, e, e_dot, V), weight, symmetrize(chain.transition_cov))
+    scatter, scatter_weight = _transition_scatter(chain, weight, e, e_dot, V)
+    return gaussian_energy(scatter, scatter_weight, symmetrize(chain.transition_cov))
+
+
+def _transition_scatter(chain, weight, e, e_dot, V):
+    """The transition terms' scatter and its weight: per step, ``w``; with shared dynamics
+    summed over the steps (as ``V`` is, :func:`_transition_residuals`), of weight
+    ``(T − 1) w``: one energy for all steps, as every term is affine in the scatter."""
+    if not _shared_dynamics(chain):
+        return _scatter(weight, e, e_dot, V), weight
+    return _scatter(weight, e, e_dot, V, outer_sum), weight * e.shape[0]
 
 
 def _node_energies(moments, potentials, tangent=None, weight=1.0):
@@ -919,9 +988,8 @@ def _posterior_stats(chain, potentials, schedule):
 
 
 def _smoothed_moments(chain, filtered: FilterResult, schedule) -> Moments:
-    backward = smoother_chain(chain, filtered)
     num_steps = filtered.filtered_means.shape[0]
-    return reverse_moments(chain_moments(backward, num_steps, schedule))
+    return chain_moments(_rts_kernels(chain, filtered), num_steps, schedule, reverse=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -1001,9 +1069,10 @@ def _posterior_log_prob(chain, potentials, z, schedule, state):
 def _posterior_log_prob_fwd(chain, potentials, z, schedule, state):
     with traced_as(state):
         filtered = _filter(chain, potentials, schedule)
-        backward = smoother_chain(chain, filtered)
-        moments = reverse_moments(chain_moments(backward, z.shape[-2], schedule))
-        return chain_log_prob(backward, jnp.flip(z, -2)), (chain, potentials, z, moments)
+        kernels = _rts_kernels(chain, filtered)
+        moments = chain_moments(kernels, z.shape[-2], schedule, reverse=True)
+        log_prob = chain_log_prob(_time_reversed(kernels), jnp.flip(z, -2))
+        return log_prob, (chain, potentials, z, moments)
 
 
 def _joint_log_density(chain, potentials, z):
@@ -1121,11 +1190,13 @@ def _expected_log_joint_along_grad(
     F, C_w, F_P, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
     lam = precision_from_chol(cholesky(chain.transition_cov))
     r = matvec(lam, _along(weight, e, e_dot))
-    g_F = _outer(r, m[:-1]) + matmul(lam, C_w - F_P)
+    # Per step, or summed over the steps with shared dynamics (C_w, F P_w are sums then).
+    outer = outer_sum if _shared_dynamics(chain) else _outer
+    g_F = outer(r, m[:-1]) + matmul(lam, C_w - F_P)
     if tangent is not None:
-        g_F = g_F + _outer(matvec(lam, e), m_dot[:-1])
-    scatter = _scatter(weight, e, e_dot, V)
-    g_S = gaussian_energy_cov_grad(lam, scatter, weight, 1.0, chain.transition_cov.shape)
+        g_F = g_F + outer(matvec(lam, e), m_dot[:-1])
+    scatter, scatter_weight = _transition_scatter(chain, weight, e, e_dot, V)
+    g_S = gaussian_energy_cov_grad(lam, scatter, scatter_weight, 1.0, chain.transition_cov.shape)
     g_chain = GaussMarkovChain(
         g_initial_mean,
         g_initial_cov,
@@ -1152,7 +1223,8 @@ def _expected_log_joint_along_grad(
 
     # Potentials; masked steps contribute nothing.
     y, R, H, mask = _masked_potentials(potentials)
-    H_P, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
+    P_w, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
+    H_P = matmul(H, P_w)  # for the gradient w.r.t. H only (dropped by XLA when unused)
     on = mask.astype(dtype)
     if _is_diagonal(R, y):
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.

@@ -189,6 +189,14 @@ def matvec(a, x):
     return jnp.einsum("...ij,...j->...i", a, x, precision=HIGHEST)
 
 
+def outer_sum(a, b):
+    """``Σ_t a_t b_tᵀ`` over the leading axis of ``a [n, i]`` and ``b [n, j]``: ``[1, i, j]``.
+
+    One contraction over ``n`` (a library dot), never the ``[n, i, j]`` outer products.
+    """
+    return jnp.einsum("ti,tj->ij", a, b, precision=HIGHEST)[None]
+
+
 def quad_form(a, b):
     """Return ``a @ b @ aᵀ`` (symmetrized), the covariance of ``a x`` when ``Cov(x) = b``."""
     return symmetrize(matmul(matmul(a, b), transpose(a)))

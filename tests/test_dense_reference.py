@@ -30,6 +30,16 @@ CASES = [
     ("d_gt_k", 2, 4, (), True, {"d": 3, "diag": True}),
     ("shared_emission", 2, 4, (), True, {"d": 2, "emission": "shared"}),
     ("time_emission", 2, 4, (2,), True, {"emission": "time", "mask": True}),
+    # shared dynamics and a shared H with diagonal potentials: Terms B and C from sums over
+    # time, the potentials' terms from diag(H P Hᵀ) by one contraction
+    (
+        "shared_all_diag",
+        3,
+        5,
+        (),
+        False,
+        {"d": 2, "diag": True, "emission": "shared", "mask": True},
+    ),
     # k > 8: LAPACK; batched, so on CPU the sequences run one at a time (_batch.batch_map).
     ("k9_batched", 9, 4, (2,), False, {"batch": (2,), "mask": True}),
 ]
