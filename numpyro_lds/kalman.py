@@ -572,20 +572,23 @@ def kalman_filter(
 
 def _filter(chain, potentials, schedule) -> FilterResult:
     y, R, H, mask = _masked_potentials(potentials)
-    m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    if schedule != "sequential":
+    if schedule == "sequential":
+        mf, Pf, log_normalizer = _sequential_filter(chain, y, R, H, mask)
+    else:
         elements = _filter_elements(chain, y, R, H, mask)
         filtered = prefix_scan(_combine_filter, elements, schedule)
-        mf, Pf = filtered.b, filtered.C
-        F, c, S = _transitions(chain)
-        mp = matvec(F, mf[:-1]) + c
-        Pp = quad_form(F, Pf[:-1]) + S
-        return FilterResult(_cat_first(m0, mp), _cat_first(P0, Pp), mf, Pf, filtered.log_c[-1])
+        mf, Pf, log_normalizer = filtered.b, filtered.C, filtered.log_c[-1]
+    # The one-step predictions, for all steps at once also after the sequential scan: each
+    # output of its body is one more kernel per step (KL at k = 4, T = 10⁴ 4% faster, a
+    # draw 8%, than with the predictions among the outputs).
+    F, c, S = _transitions(chain)
+    mp = _cat_first(chain.initial_mean, matvec(F, mf[:-1]) + c)
+    Pp = _cat_first(symmetrize(chain.initial_cov), quad_form(F, Pf[:-1]) + S)
+    return FilterResult(mp, Pp, mf, Pf, log_normalizer)
 
-    return _sequential_filter(chain, y, R, H, mask)
 
-
-def _sequential_filter(chain, y, R, H, mask) -> FilterResult:
+def _sequential_filter(chain, y, R, H, mask):
+    """Filtered means and covariances by one scan, and the log-normalizer."""
     num_steps = y.shape[0]
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
 
@@ -595,11 +598,11 @@ def _sequential_filter(chain, y, R, H, mask) -> FilterResult:
         mp = jnp.where(first, m0, matvec(F, m) + c)
         Pp = jnp.where(first, P0, quad_form(F, P) + S)
         u = _condition(mp, Pp, y_t, R_t, H_t, o_t)
-        return (u.mean, u.cov), (mp, Pp, u.mean, u.cov, u.log_lik)
+        return (u.mean, u.cov), (u.mean, u.cov, u.log_lik)
 
     xs = _from_start(_transitions(chain), num_steps) + (y, R, H, mask)
-    _, (mp, Pp, mf, Pf, ll) = _scan(step, (m0, P0), xs, num_steps)
-    return FilterResult(mp, Pp, mf, Pf, jnp.sum(ll))
+    _, (mf, Pf, ll) = _scan(step, (m0, P0), xs, num_steps)
+    return mf, Pf, jnp.sum(ll)
 
 
 def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovChain:
