@@ -43,6 +43,44 @@ def test_small_products_are_the_same_in_every_form(k, context):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-14)
 
 
+@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("context", ["plain", "loop", "batched_loop"])
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["single", "batch"])
+def test_unrolled_factorization_and_solves_are_the_same_in_every_form(k, context, batch):
+    # Single matrices in a scan body take one rsqrt per column and one reciprocal of the
+    # diagonal; elsewhere the entries are divided. Both against NumPy.
+    rng = np.random.default_rng(3)
+    a, b = _spd(rng, batch, k), rng.normal(size=batch + (k, 2))
+    flags = {"plain": {}, "loop": {"loop": True}, "batched_loop": {"loop": True, "batched": True}}
+
+    def algebra(a, b):
+        with linalg.tracing(**flags[context]):
+            chol = linalg.cholesky(a)
+            return chol, linalg.solve_lower(chol, b), linalg.cho_solve(chol, b)
+
+    chol, lower, cho = jax.jit(algebra)(a, b)
+    want_chol = np.linalg.cholesky(a)
+    np.testing.assert_allclose(chol, want_chol, rtol=RTOL, atol=1e-14)
+    np.testing.assert_allclose(lower, np.linalg.solve(want_chol, b), rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(cho, np.linalg.solve(a, b), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("context", ["plain", "loop"])
+def test_unrolled_factorization_of_a_singular_or_indefinite_matrix(context):
+    # A zero last pivot gives a zero diagonal entry (as sqrt(0)), a negative one NaN, in
+    # either form: never a finite factor of an indefinite matrix.
+    flags = {"plain": {}, "loop": {"loop": True}}
+
+    def factor(a):
+        with linalg.tracing(**flags[context]):
+            return linalg.cholesky(a)
+
+    singular = jax.jit(factor)(np.array([[4.0, 2.0], [2.0, 1.0]]))
+    np.testing.assert_array_equal(singular, [[2.0, 0.0], [1.0, 0.0]])
+    indefinite = jax.jit(factor)(np.array([[1.0, 2.0], [2.0, 1.0]]))
+    assert np.isnan(indefinite[1, 1])
+
+
 @pytest.mark.parametrize("k", [3, 9])
 @pytest.mark.parametrize("factor_batch", [(), (1,), (4,)])
 def test_solves_with_shared_or_batched_factors(k, factor_batch):
