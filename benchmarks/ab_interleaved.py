@@ -1,0 +1,110 @@
+"""Two versions of numpyro_lds side by side in one process, their calls alternated.
+
+Whole benchmark runs on a shared machine differ by 10-40%, more than most single changes
+gain. This script compiles the same functions as ``bench_kl.py`` (``bench_kl.ours``) from
+the package at a git revision and from the working tree, then alternates their calls, so
+that any drift in the machine's speed hits both alike; it prints the median of each and
+its compile time. The A/B numbers of ``docs/performance.md`` ("Divides and square roots
+in a scan body") were measured this way.
+
+    python benchmarks/ab_interleaved.py --base HEAD~1 --k 4 --T 10000 --schedule sequential
+
+Each version is copied into a temporary folder under its own module name (``nlds_base``,
+``nlds_new``), so both are imported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import bench_kl
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("KL", "KL+grad", "KL+grad (Terms A-C)", "sample")
+
+
+def _install(files: dict[str, str], name: str, folder: Path):
+    """Write the package's ``files`` as module ``name`` (its absolute imports renamed)."""
+    package = folder / name
+    package.mkdir()
+    for filename, text in files.items():
+        (package / filename).write_text(text.replace("numpyro_lds", name))
+
+
+def _files_at(revision: str) -> dict[str, str]:
+    archive = subprocess.run(
+        ["git", "archive", revision, "numpyro_lds"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        return {
+            Path(m.name).name: tar.extractfile(m).read().decode()
+            for m in tar.getmembers()
+            if m.isfile() and m.name.endswith(".py")
+        }
+
+
+def _working_tree_files() -> dict[str, str]:
+    return {p.name: p.read_text() for p in (ROOT / "numpyro_lds").glob("*.py")}
+
+
+def main(args):
+    folder = Path(tempfile.mkdtemp(prefix="nlds_ab_"))
+    _install(_files_at(args.base), "nlds_base", folder)
+    _install(_working_tree_files(), "nlds_new", folder)
+    sys.path.insert(0, str(folder))
+    p = bench_kl.problem(args.T, args.k, args.batch, jnp.dtype(args.dtype))
+    compiled = {}
+    for version in ("nlds_base", "nlds_new"):
+        module = importlib.import_module(version)
+        bench_kl.LDSPosterior = module.LDSPosterior
+        bench_kl.LinearGaussianStateSpace = module.LinearGaussianStateSpace
+        fns = bench_kl.ours(p, args.schedule)
+        for method in args.methods:
+            fn, fn_args = fns[f"numpyro_lds {method} [{args.schedule}]"]
+            t0 = time.perf_counter()
+            call = jax.jit(fn).lower(*fn_args).compile()
+            compile_s = time.perf_counter() - t0
+            jax.block_until_ready(call(*fn_args))  # warm-up
+            compiled[version, method] = (call, fn_args, compile_s, [])
+    for _ in range(args.rounds):
+        for call, fn_args, _, times in compiled.values():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call(*fn_args))
+            times.append(time.perf_counter() - t0)
+    print(
+        f"{args.dtype} batch={args.batch} k={args.k} T={args.T} schedule={args.schedule}, "
+        f"{args.rounds} alternated calls each; base = {args.base}, new = working tree"
+    )
+    for method in args.methods:
+        cells = []
+        for version in ("nlds_base", "nlds_new"):
+            _, _, compile_s, times = compiled[version, method]
+            cells.append(
+                f"{version[5:]} {statistics.median(times) * 1e3:9.3f} ms "
+                f"(compile {compile_s:4.1f} s)"
+            )
+        print(f"  {method:22s} " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", default="HEAD", help="git revision of the old version")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--T", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--schedule", default="sequential")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    main(parser.parse_args())
