@@ -329,6 +329,11 @@ def _cat_first(first, rest):
     return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
+def _cat_last(rest, last):
+    """Append ``last`` to ``rest`` along the leading (time) axis, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), rest, last)
+
+
 def _along_time(x, n):
     """Broadcast a leading time axis of length 1 (shared) to length ``n``."""
     return jnp.broadcast_to(x, (n,) + x.shape[1:])
@@ -376,7 +381,7 @@ def chain_moments(
 
         _, (ms, Ps) = _scan(step, (m0, P0), (F, c, S), num_steps - 1, reverse=reverse)
         if reverse:
-            ms, Ps = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), (ms, Ps), (m0, P0))
+            ms, Ps = _cat_last((ms, Ps), (m0, P0))
         else:
             ms, Ps = _cat_first((m0, P0), (ms, Ps))
     else:
@@ -802,11 +807,12 @@ def _transition_residuals(moments, chain, tangent, weight):
     m = moments.means
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     C = _along(weight, moments.cross_covs, None if tangent is None else tangent.cross_covs)
-    P_next, P_prev = P[1:], P[:-1]
     if _shared_dynamics(chain):
         # Sums of whole arrays: no [T − 1, k, k] slice of P is stored to be summed.
         P_sum, C = jnp.sum(P, axis=0, keepdims=True), jnp.sum(C, axis=0, keepdims=True)
         P_next, P_prev = P_sum - P[:1], P_sum - P[-1:]
+    else:
+        P_next, P_prev = P[1:], P[:-1]
     F_P = matmul(F, P_prev)
     CFt = matmul(C, transpose(F))
     V = P_next - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
