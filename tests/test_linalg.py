@@ -11,6 +11,8 @@ from jax.test_util import check_grads
 from numpyro_lds import linalg
 
 RTOL = 1e-12
+# The declarations a helper can be traced under (linalg.tracing): its form depends on them.
+CONTEXTS = {"plain": {}, "loop": {"loop": True}, "batched_loop": {"loop": True, "batched": True}}
 
 
 def _spd(rng, shape, k):
@@ -19,16 +21,15 @@ def _spd(rng, shape, k):
 
 
 @pytest.mark.parametrize("k", [2, 5])
-@pytest.mark.parametrize("context", ["plain", "loop", "batched_loop"])
+@pytest.mark.parametrize("context", list(CONTEXTS))
 def test_small_products_are_the_same_in_every_form(k, context):
     # The form (sum of elementwise products, or broadcast product and reduction) depends on
     # where the code is traced; the value must not.
     rng = np.random.default_rng(0)
     a, b, x = rng.normal(size=(3, k, k)), rng.normal(size=(k, k)), rng.normal(size=(k,))
-    flags = {"plain": {}, "loop": {"loop": True}, "batched_loop": {"loop": True, "batched": True}}
 
     def products(a, b, x):
-        with linalg.tracing(**flags[context]):
+        with linalg.tracing(**CONTEXTS[context]):
             return (
                 linalg.matmul(a, b),
                 linalg.matmul(b, b),
@@ -44,17 +45,16 @@ def test_small_products_are_the_same_in_every_form(k, context):
 
 
 @pytest.mark.parametrize("k", [2, 5])
-@pytest.mark.parametrize("context", ["plain", "loop", "batched_loop"])
+@pytest.mark.parametrize("context", list(CONTEXTS))
 @pytest.mark.parametrize("batch", [(), (3,)], ids=["single", "batch"])
 def test_unrolled_factorization_and_solves_are_the_same_in_every_form(k, context, batch):
     # Single matrices in a scan body take one rsqrt per column and one reciprocal of the
     # diagonal; elsewhere the entries are divided. Both against NumPy.
     rng = np.random.default_rng(3)
     a, b = _spd(rng, batch, k), rng.normal(size=batch + (k, 2))
-    flags = {"plain": {}, "loop": {"loop": True}, "batched_loop": {"loop": True, "batched": True}}
 
     def algebra(a, b):
-        with linalg.tracing(**flags[context]):
+        with linalg.tracing(**CONTEXTS[context]):
             chol = linalg.cholesky(a)
             return chol, linalg.solve_lower(chol, b), linalg.cho_solve(chol, b)
 
@@ -69,10 +69,9 @@ def test_unrolled_factorization_and_solves_are_the_same_in_every_form(k, context
 def test_unrolled_factorization_of_a_singular_or_indefinite_matrix(context):
     # A zero last pivot gives a zero diagonal entry (as sqrt(0)), a negative one NaN, in
     # either form: never a finite factor of an indefinite matrix.
-    flags = {"plain": {}, "loop": {"loop": True}}
 
     def factor(a):
-        with linalg.tracing(**flags[context]):
+        with linalg.tracing(**CONTEXTS[context]):
             return linalg.cholesky(a)
 
     singular = jax.jit(factor)(np.array([[4.0, 2.0], [2.0, 1.0]]))
