@@ -993,7 +993,27 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
 
 def _posterior_stats(chain, potentials, schedule):
     filtered = _filter(chain, potentials, schedule)
-    return PosteriorStats(_smoothed_moments(chain, filtered, schedule), filtered.log_normalizer)
+    stats = PosteriorStats(_smoothed_moments(chain, filtered, schedule), filtered.log_normalizer)
+    return _batched_with(stats, (chain, potentials))
+
+
+def _batched_with(outputs, inputs):
+    """``outputs`` plus an exact zero that depends on every leaf of ``inputs``.
+
+    Under ``vmap``, JAX batches a custom-VJP function's outputs by data dependence, and
+    hands the cotangent of an unbatched output, already summed over the batch, to every
+    member's backward pass, whose gradients for unbatched inputs it then sums again. The
+    covariances do not depend on the potentials' means: for a batch that shares its
+    dynamics and potential variances and differs only in the means (``vmap`` over the
+    data, or ``LDSPosterior`` with a shared ``potential_var``), every gradient through
+    them was counted once per sequence (``tests/test_batching.py``). With the zero, every
+    output is batched whenever any input is, and each member's cotangent is its own. It is
+    an empty sum, folded away by XLA.
+    """
+    leaves = jax.tree.leaves((outputs, inputs))
+    dtype = jnp.result_type(*(x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)))
+    zero = sum(jnp.sum(jnp.ravel(x)[:0].astype(dtype)) for x in jax.tree.leaves(inputs))
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), outputs)
 
 
 def _smoothed_moments(chain, filtered: FilterResult, schedule) -> Moments:
@@ -1015,9 +1035,10 @@ def _posterior_stats_fwd(chain, potentials, schedule, state):
 def _posterior_stats_fwd_traced(chain, potentials, schedule):
     filtered = _filter(chain, potentials, schedule)
     moments = _smoothed_moments(chain, filtered, schedule)
+    stats = _batched_with(PosteriorStats(moments, filtered.log_normalizer), (chain, potentials))
     # The filter is kept for the backward pass (two [T, k, k] arrays more than the
     # moments), which would otherwise run it again.
-    return PosteriorStats(moments, filtered.log_normalizer), (chain, potentials, moments, filtered)
+    return stats, (chain, potentials, moments, filtered)
 
 
 def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, schedule="sequential"):
