@@ -16,11 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from jax.test_util import check_grads
 from numpyro.distributions.kl import kl_divergence
+from numpyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
+from numpyro_lds import AutoLDSGuide, LDSPosterior, LinearGaussianStateSpace
 
 T, K, BATCH = 6, 2, 3
 RNG = np.random.default_rng(11)
@@ -81,7 +84,7 @@ def test_shared_covariances_batch_gradient_is_sum_of_sequence_gradients(quantity
 
 
 def test_user_vmap_over_data_gives_the_sum_of_sequence_gradients():
-    """``jax.vmap`` over the data alone, as users and NumPyro's vectorized particles do."""
+    """``jax.vmap`` over the data alone, the covariance inputs closed over."""
     var = jnp.asarray(RNG.uniform(0.3, 1.5, size=(T, K)))
     a = jnp.asarray(0.8)
 
@@ -106,3 +109,31 @@ def test_shared_covariances_batch_gradient_matches_finite_differences():
         eps=1e-6,
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO, Trace_ELBO])
+def test_vectorized_particles_equal_particles_one_at_a_time(elbo):
+    """NumPyro's ``vectorize_particles`` runs guide and model under ``vmap`` over the
+    particles' keys: the draws are batched, the guide's parameters not. The gradient must
+    be the one of the particles computed one after another, with the same keys."""
+
+    def model(y):
+        a = numpyro.param("a", 0.8)
+        r = numpyro.param("r", 0.7, constraint=dist.constraints.positive)
+        with numpyro.plate("series", y.shape[0]):
+            z = numpyro.sample("z", _prior(a, "sequential"))
+            numpyro.sample("y", dist.Normal(z, r).to_event(2), obs=y)
+
+    guide = AutoLDSGuide(model)
+    svi = numpyro.infer.SVI(model, guide, numpyro.optim.Adam(0.1), elbo())
+    params = svi.get_params(svi.init(jax.random.key(0), MEANS))
+
+    def grad(vectorize):
+        loss = elbo(num_particles=3, vectorize_particles=vectorize)
+        return jax.jit(jax.grad(lambda p: loss.loss(jax.random.key(1), p, model, guide, MEANS)))(
+            params
+        )
+
+    have, want = grad(True), grad(False)
+    for name in want:
+        np.testing.assert_allclose(have[name], want[name], rtol=1e-10, atol=1e-12)
