@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("KL", "KL+grad", "KL+grad (Terms A-C)", "sample")
+METHODS = ("KL", "KL+grad", "KL+grad (Terms A-C)", "sample", "sample+grad", "log Z+grad")
 
 
 def _install(files: dict[str, str], name: str, folder: Path):
@@ -58,6 +58,32 @@ def _working_tree_files() -> dict[str, str]:
     return {p.name: p.read_text() for p in (ROOT / "numpyro_lds").glob("*.py")}
 
 
+def _gradients_of_draw_and_log_z(module, p, schedule):
+    """Two more methods, not in ``bench_kl`` (the peers have no gradient to compare): the
+    gradient of a draw (``rsample``, as a guide's in SVI) and of the log-normalizer (a
+    marginal likelihood), w.r.t. the potentials."""
+    T = p["y"].shape[1]
+    prior = module.LinearGaussianStateSpace(
+        p["m0"], p["P0"], p["A"], p["Q"], num_steps=T, schedule=schedule, validate_args=False
+    )
+
+    def posterior(y, var):
+        return module.LDSPosterior(prior, y, potential_var=var, validate_args=False)
+
+    def draw(y, var):
+        return jnp.sum(jnp.sin(posterior(y, var).rsample(jax.random.key(0))))
+
+    def log_z(y, var):
+        return jnp.sum(posterior(y, var).log_normalizer)
+
+    tag = f" [{schedule}]"
+    args = (p["y"], p["var"])
+    return {
+        "numpyro_lds sample+grad" + tag: (jax.value_and_grad(draw, argnums=(0, 1)), args),
+        "numpyro_lds log Z+grad" + tag: (jax.value_and_grad(log_z, argnums=(0, 1)), args),
+    }
+
+
 def main(args):
     folder = Path(tempfile.mkdtemp(prefix="nlds_ab_"))
     _install(_files_at(args.base), "nlds_base", folder)
@@ -70,6 +96,7 @@ def main(args):
         bench_kl.LDSPosterior = module.LDSPosterior
         bench_kl.LinearGaussianStateSpace = module.LinearGaussianStateSpace
         fns = bench_kl.ours(p, args.schedule)
+        fns.update(_gradients_of_draw_and_log_z(module, p, args.schedule))
         for method in args.methods:
             fn, fn_args = fns[f"numpyro_lds {method} [{args.schedule}]"]
             t0 = time.perf_counter()

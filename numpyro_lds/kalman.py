@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from numpyro_lds.linalg import (
     HIGHEST,
@@ -649,7 +650,9 @@ def _rts_gain(F, Pf, Pp):
     return transpose(cho_solve(chol_Pp, matmul(F, Pf))), chol_Pp
 
 
-def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) -> FilterResult:
+def _filter_tangent(
+    chain, potentials, filtered, F_dot, J_dot, h_dot, schedule, means_only=False
+) -> FilterResult:
     """Directional derivative of the filter's moments, written out (derivation, section 8).
 
     The direction: the transition matrices gain ``ε F_dot`` (``[T-1, k, k]``) and each
@@ -667,7 +670,8 @@ def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) 
     run as two affine recursions (covariances, then means) on ``schedule``. This replaces
     ``jax.jvp`` through the filter, which differentiates every Cholesky factorization and
     solve inside the scan and cost 3-4 forward passes. The log-normalizer's tangent is not
-    computed (returned as 0).
+    computed (returned as 0). ``means_only``: ``F_dot`` and ``J_dot`` are zero, so are the
+    covariances' tangents, and their recursion is not run.
     """
     num_steps, k = filtered.filtered_means.shape
     y, R, H, mask = _masked_potentials(potentials)
@@ -679,26 +683,33 @@ def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) 
     update = _condition(mp, Pp, y, R, H, mask)
     A = jnp.eye(k, dtype=mf.dtype) - matmul(update.gain, H)
     S_inv_r = cho_solve(update.chol_S, (y - matvec(H, mp))[..., None])[..., 0]
-    v = jnp.where(mask[:, None], matvec(transpose(H), S_inv_r), 0.0)
-    node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
-    node_cov = quad_form(Pf, J_dot)
-    # Step t-1 → t: the terms of the prediction's tangent that F_dot adds.
-    pred_mean = matvec(F_dot, mf[:-1])
-    X = matmul(matmul(F_dot, Pf[:-1]), transpose(F))
-    pred_cov = X + transpose(X)
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)
-    covs_dot = chain_moments(
-        GaussMarkovChain(
-            zeros[0], -node_cov[0], M, zeros[1:], quad_form(A[1:], pred_cov) - node_cov[1:]
-        ),
-        num_steps,
-        schedule,
-    ).covs
-    Pp_dot = quad_form(F, covs_dot[:-1]) + pred_cov
-    offset = matvec(A[1:], pred_mean + matvec(Pp_dot, v[1:])) + node_mean[1:]
+    if means_only:
+        node_mean = matvec(Pf, h_dot)
+        covs_dot, Pp_dot = jnp.zeros_like(Pf), jnp.zeros_like(Pf[1:])
+        offset = node_mean[1:]
+    else:
+        v = jnp.where(mask[:, None], matvec(transpose(H), S_inv_r), 0.0)
+        node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
+        node_cov = quad_form(Pf, J_dot)
+        # Step t-1 → t: the terms of the prediction's tangent that F_dot adds.
+        pred_mean = matvec(F_dot, mf[:-1])
+        X = matmul(matmul(F_dot, Pf[:-1]), transpose(F))
+        pred_cov = X + transpose(X)
+        covs_dot = chain_moments(
+            GaussMarkovChain(
+                zeros[0], -node_cov[0], M, zeros[1:], quad_form(A[1:], pred_cov) - node_cov[1:]
+            ),
+            num_steps,
+            schedule,
+        ).covs
+        Pp_dot = quad_form(F, covs_dot[:-1]) + pred_cov
+        offset = matvec(A[1:], pred_mean + matvec(Pp_dot, v[1:])) + node_mean[1:]
     means_dot = _affine_recursion(node_mean[0], M, offset, schedule)
-    mp_dot = matvec(F, means_dot[:-1]) + pred_mean
+    mp_dot = matvec(F, means_dot[:-1])
+    if not means_only:
+        mp_dot = mp_dot + pred_mean
     return FilterResult(
         _cat_first(zeros[0], mp_dot),
         _cat_first(jnp.zeros_like(Pf[0]), Pp_dot),
@@ -708,7 +719,9 @@ def _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule) 
     )
 
 
-def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -> Moments:
+def _smoothed_tangent(
+    chain, filtered, filtered_dot, F_dot, moments, schedule, means_only=False
+) -> Moments:
     """Directional derivative of the smoothed moments, written out (derivation, section 8).
 
     Given the filter's tangent (:func:`_filter_tangent`), the transition matrices' tangent
@@ -722,6 +735,8 @@ def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -
     all steps at once, and the backward recursion ``m_t = G_t m_{t+1} + h_t``,
     ``P_t = G_t P_{t+1} G_tᵀ + L_t`` to one affine recursion in the tangents, on
     ``schedule``. Replaces ``jax.jvp`` through the smoother, which cost 4-10 forward passes.
+    ``means_only`` (the filter's covariance tangents and ``F_dot`` zero): ``G′ = L′ = 0``,
+    only the means' recursion runs, and the covariances' tangents are zero.
     """
     num_steps = filtered.filtered_means.shape[0]
     F, _, _ = _transitions(chain)
@@ -730,6 +745,12 @@ def _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule) -
     mf_dot, Pf_dot = filtered_dot.filtered_means, filtered_dot.filtered_covs
     mp_dot, Pp_dot = filtered_dot.predicted_means[1:], filtered_dot.predicted_covs[1:]
     G, chol_Pp = _rts_gain(F, Pf, Pp)
+    if means_only:
+        # m′_t = G_t m′_{t+1} + h′_t backward from m′_T = m^f′_T: flipped, a forward one.
+        h_dot = mf_dot[:-1] - matvec(G, mp_dot)
+        flipped = _affine_recursion(mf_dot[-1], jnp.flip(G, 0), jnp.flip(h_dot, 0), schedule)
+        zeros = jnp.zeros_like(moments.covs)
+        return Moments(jnp.flip(flipped, 0), zeros, zeros[1:])
     X = matmul(Pf_dot[:-1], transpose(F)) + matmul(Pf, transpose(F_dot)) - matmul(G, Pp_dot)
     G_dot = transpose(cho_solve(chol_Pp, transpose(X)))  # X (P^p)⁻¹, P^p symmetric
     h_dot = mf_dot[:-1] - matvec(G_dot, mp) - matvec(G, mp_dot)
@@ -1028,6 +1049,8 @@ def _posterior_stats_custom(chain, potentials, schedule, state):
 
 
 def _posterior_stats_fwd(chain, potentials, schedule, state):
+    # symbolic_zeros=True: every leaf comes as a CustomVJPPrimal (value, perturbed).
+    chain, potentials = jax.tree.map(lambda x: x.value, (chain, potentials))
     with traced_as(state):
         return _posterior_stats_fwd_traced(chain, potentials, schedule)
 
@@ -1164,9 +1187,24 @@ def _posterior_stats_bwd(schedule, state, res, cotangent):
         return _posterior_stats_bwd_traced(schedule, res, cotangent)
 
 
+def _is_zero(x):
+    return isinstance(x, SymbolicZero)
+
+
 def _posterior_stats_bwd_traced(schedule, res, cotangent):
     chain, potentials, moments, filtered = res
     moments_bar, log_z_bar = cotangent
+    # Outputs that the caller does not differentiate come as symbolic zeros. Without a
+    # moments' cotangent (log Z alone: a marginal likelihood) the gradient is the Fisher
+    # identity's alone; without the covariances' (a draw, the means), the direction has no
+    # quadratic part and the covariances' tangents are zero: neither is computed.
+    weight = jnp.zeros((), moments.means.dtype) if _is_zero(log_z_bar) else log_z_bar
+    if all(_is_zero(x) for x in moments_bar):
+        grads = _expected_log_joint_along_grad(moments, None, 1.0, chain, potentials)
+        return jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else weight * x, grads)
+    means_only = _is_zero(moments_bar.covs) and _is_zero(moments_bar.cross_covs)
+    pairs = zip(moments_bar, moments, strict=True)
+    moments_bar = Moments(*(jnp.zeros_like(x) if _is_zero(b) else b for b, x in pairs))
     natural = _natural_from_moments(moments)
     # The cotangent as a direction in natural coordinates: log q gains
     # ε (d_lin·z_t + z_tᵀ d_quad z_t + z_{t+1}ᵀ d_cross z_t).
@@ -1178,10 +1216,14 @@ def _posterior_stats_bwd_traced(schedule, res, cotangent):
     KtF = matmul(transpose(d_cross), F)
     J_dot = (-(d_quad + transpose(d_quad))).at[:-1].add(-(KtF + transpose(KtF)))
     h_dot = d_lin.at[:-1].add(matvec(transpose(d_cross), c))
-    filtered_dot = _filter_tangent(chain, potentials, filtered, F_dot, J_dot, h_dot, schedule)
-    moments_dot = _smoothed_tangent(chain, filtered, filtered_dot, F_dot, moments, schedule)
+    filtered_dot = _filter_tangent(
+        chain, potentials, filtered, F_dot, J_dot, h_dot, schedule, means_only
+    )
+    moments_dot = _smoothed_tangent(
+        chain, filtered, filtered_dot, F_dot, moments, schedule, means_only
+    )
     moments_dot = jax.lax.stop_gradient(moments_dot)
-    return _expected_log_joint_along_grad(moments, moments_dot, log_z_bar, chain, potentials)
+    return _expected_log_joint_along_grad(moments, moments_dot, weight, chain, potentials)
 
 
 def _expected_log_joint_along_grad(
@@ -1300,4 +1342,4 @@ def _on_steps(x, start, num_steps, length=None):
     return jnp.concatenate([before, x, after])
 
 
-_posterior_stats_custom.defvjp(_posterior_stats_fwd, _posterior_stats_bwd)
+_posterior_stats_custom.defvjp(_posterior_stats_fwd, _posterior_stats_bwd, symbolic_zeros=True)
