@@ -11,7 +11,9 @@ to ``--dynamax-parallel-max-T``: on a 2-core CPU it hangs at T = 10 000) and TFP
 potentials are their time-varying emissions (covariances ``diag(var_t)``), and their
 smoothed means are checked against ours (column ``max_abs_diff_means``).
 Each function is jitted; compile time (lowering + XLA compilation) is reported apart from
-the steady state, the median of ``--repeats`` calls after a warm-up call. Reported: ns per
+the steady state, the median of ``--repeats`` calls after a warm-up call; the calls of all
+methods of a size alternate (one call of each per round), so that ours and the peers share
+the machine's slow and fast spells. Reported: ns per
 sequence-step, the ratio to dynamax's sequential smoother, and XLA's memory estimate
 (arguments + outputs + temporaries of the compiled function) as peak memory.
 
@@ -154,8 +156,8 @@ def tfp_fns(p):
     return {"TFP posterior_marginals": (jax.vmap(marginals), (p["y"], p["var"]))}
 
 
-def measure(fn, args, repeats):
-    """(compile seconds, steady-state median seconds, XLA memory estimate in bytes, output)."""
+def compile_once(fn, args):
+    """(compiled call, compile seconds, XLA memory estimate in bytes, warm-up output)."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -164,12 +166,22 @@ def measure(fn, args, repeats):
     if mem is not None:
         peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
     output = jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
+    return compiled, compile_s, peak, output
+
+
+def interleaved_medians(calls, repeats):
+    """Median seconds of each ``(compiled, args)`` in ``calls`` (a dict), their calls
+    alternated: one call of each method per round, so that a slow or fast spell of the
+    shared machine falls on every method of a size alike. Timed one method after another,
+    a peer's median moved by 1.6x between whole runs (dynamax, k = 16, T = 1 000: 24 ms
+    against 14-16 ms), and with it every ratio of that size."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times), peak, output
+        for name, (compiled, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def posterior_means(p):
@@ -259,16 +271,24 @@ def main(args):
                         fns.update(tfp_fns(p))
                     base, new_rows = None, []
                     reference = None if args.skip_peers else posterior_means(p)
+                    compiled = {}
                     for name, (fn, fargs) in fns.items():
                         if name in last and last[name][1] * T / last[name][0] > args.budget_s:
                             print(f"skip {name} at T={T}: over the {args.budget_s} s budget")
                             continue
-                        compile_s, med, peak, output = measure(fn, fargs, args.repeats)
-                        last[name] = (T, med)
+                        call, compile_s, peak, output = compile_once(fn, fargs)
                         # Same problem, same answer: a peer's smoothed means against ours.
                         diff = None
                         if not name.startswith("numpyro_lds") and "R shared" not in name:
                             diff = float(jnp.max(jnp.abs(output - reference)))
+                        del output
+                        compiled[name] = (call, fargs, compile_s, peak, diff)
+                    medians = interleaved_medians(
+                        {name: (c[0], c[1]) for name, c in compiled.items()}, args.repeats
+                    )
+                    for name, (_, _, compile_s, peak, diff) in compiled.items():
+                        med = medians[name]
+                        last[name] = (T, med)
                         if name == "dynamax smoother (sequential)":
                             base = med
                         new_rows.append(
