@@ -682,7 +682,6 @@ def _filter_tangent(
     # once; the updated moments it also returns are unused (and dropped by XLA).
     update = _condition(mp, Pp, y, R, H, mask)
     A = jnp.eye(k, dtype=mf.dtype) - matmul(update.gain, H)
-    S_inv_r = cho_solve(update.chol_S, (y - matvec(H, mp))[..., None])[..., 0]
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)
     if means_only:
@@ -690,6 +689,7 @@ def _filter_tangent(
         covs_dot, Pp_dot = jnp.zeros_like(Pf), jnp.zeros_like(Pf[1:])
         offset = node_mean[1:]
     else:
+        S_inv_r = cho_solve(update.chol_S, (y - matvec(H, mp))[..., None])[..., 0]
         v = jnp.where(mask[:, None], matvec(transpose(H), S_inv_r), 0.0)
         node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
         node_cov = quad_form(Pf, J_dot)
