@@ -131,27 +131,38 @@ def dynamax_fns(p, parallel):
     return out
 
 
-def tfp_fns(p):
+def import_tfp():
+    """TFP on JAX, or ``None`` (with a message) where it does not import."""
     try:
         import tensorflow_probability.substrates.jax as tfp
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any import failure means "skip this peer"
         print(f"skipping TFP: {type(e).__name__}: {e}")
-        return {}
+        return None
+    return tfp
+
+
+def tfp_model(tfp, p, A, Q, var):
+    """TFP's ``LinearGaussianStateSpaceModel`` of ``p``'s problem for one sequence: the
+    potentials as step-by-step emissions (as :func:`dynamax_fns`)."""
     tfd = tfp.distributions
-    T = p["y"].shape[1]
-    k = p["m0"].shape[0]
+    T, k = p["y"].shape[1], p["m0"].shape[0]
+    return tfd.LinearGaussianStateSpaceModel(
+        num_timesteps=T,
+        transition_matrix=tfp.tf2jax.linalg.LinearOperatorFullMatrix(A),
+        transition_noise=tfd.MultivariateNormalTriL(scale_tril=jnp.linalg.cholesky(Q)),
+        observation_matrix=tfp.tf2jax.linalg.LinearOperatorIdentity(k, dtype=A.dtype),
+        observation_noise=lambda t: tfd.MultivariateNormalDiag(scale_diag=jnp.sqrt(var[t])),
+        initial_state_prior=tfd.MultivariateNormalTriL(p["m0"], jnp.linalg.cholesky(p["P0"])),
+    )
+
+
+def tfp_fns(p):
+    tfp = import_tfp()
+    if tfp is None:
+        return {}
 
     def marginals(y, var):
-        lgssm = tfd.LinearGaussianStateSpaceModel(
-            num_timesteps=T,
-            transition_matrix=tfp.tf2jax.linalg.LinearOperatorFullMatrix(p["A"]),
-            transition_noise=tfd.MultivariateNormalTriL(scale_tril=jnp.linalg.cholesky(p["Q"])),
-            observation_matrix=tfp.tf2jax.linalg.LinearOperatorIdentity(k, dtype=p["A"].dtype),
-            # The potentials, step by step (as dynamax_fns).
-            observation_noise=lambda t: tfd.MultivariateNormalDiag(scale_diag=jnp.sqrt(var[t])),
-            initial_state_prior=tfd.MultivariateNormalTriL(p["m0"], jnp.linalg.cholesky(p["P0"])),
-        )
-        return lgssm.posterior_marginals(y)[0]
+        return tfp_model(tfp, p, p["A"], p["Q"], var).posterior_marginals(y)[0]
 
     return {"TFP posterior_marginals": (jax.vmap(marginals), (p["y"], p["var"]))}
 

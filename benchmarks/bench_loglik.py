@@ -57,24 +57,12 @@ def dynamax(p):
 
 
 def tfp(p):
-    try:
-        import tensorflow_probability.substrates.jax as tfp
-    except Exception as e:  # noqa: BLE001
-        print(f"skipping TFP: {type(e).__name__}: {e}")
+    tfp = bench_kl.import_tfp()
+    if tfp is None:
         return {}
-    tfd = tfp.distributions
-    T, k = p["y"].shape[1:]
 
     def loglik(A, Q, var):
-        lgssm = tfd.LinearGaussianStateSpaceModel(
-            num_timesteps=T,
-            transition_matrix=tfp.tf2jax.linalg.LinearOperatorFullMatrix(A),
-            transition_noise=tfd.MultivariateNormalTriL(scale_tril=jnp.linalg.cholesky(Q)),
-            observation_matrix=tfp.tf2jax.linalg.LinearOperatorIdentity(k, dtype=A.dtype),
-            observation_noise=lambda t: tfd.MultivariateNormalDiag(scale_diag=jnp.sqrt(var[t])),
-            initial_state_prior=tfd.MultivariateNormalTriL(p["m0"], jnp.linalg.cholesky(p["P0"])),
-        )
-        return lgssm.log_prob(p["y"][0])
+        return bench_kl.tfp_model(tfp, p, A, Q, var).log_prob(p["y"][0])
 
     return {"TFP LinearGaussianStateSpaceModel.log_prob": loglik}
 
