@@ -291,8 +291,9 @@ def write(args, rows, b):
         ax.set_xlabel("wall-clock (s)")
         ax.set_ylabel("ELBO (64-particle estimate)")
         shown = [runs[(n, lr)][0] for n, lr in best_lr.items() if lr is not None]
-        lo = min(v for c in shown for _, v in c[len(c) // 10 :])
-        ax.set_ylim(lo, max(v for c in shown for _, v in c) + 0.02 * abs(lo))
+        hi = max(v for c in shown for _, v in c)
+        lo = min(target, *(v for c in shown for _, v in c[len(c) // 10 :]))
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.set_title(f"tracking model, obs sd {obs_sd}: each ELBO at its fastest lr")
         ax.legend(fontsize=8)
     fig.tight_layout()
