@@ -7,8 +7,8 @@ unbatched inside the custom VJP of ``posterior_stats``, and handed the summed co
 such an output to every member's backward pass: every gradient through the covariances
 was counted once per sequence (``kalman._batched_with``). The reference here is the sum
 of the per-sequence gradients, each computed unbatched (those are checked against finite
-differences and the dense Gaussian in the other test files), and one finite-difference
-check of the batched gradient itself.
+differences and the dense Gaussian in the other test files), and finite-difference checks
+of the batched gradient itself: the KL, a draw, the log-density of fixed paths.
 """
 
 from __future__ import annotations
@@ -99,10 +99,24 @@ def test_user_vmap_over_data_gives_the_sum_of_sequence_gradients():
         np.testing.assert_allclose(g_have, g_want, rtol=1e-10, atol=1e-12)
 
 
-def test_shared_covariances_batch_gradient_matches_finite_differences():
+PATH = jnp.asarray(RNG.normal(size=(BATCH, T, K)))
+BATCHED_FNS = {
+    "kl_terms": lambda v, a: _value("kl_terms", v, a, MEANS, "sequential"),
+    # A draw (the means alone are differentiated) and the log-density of fixed paths.
+    "draw": lambda v, a: jnp.sum(
+        jnp.sin(LDSPosterior(_prior(a, None), MEANS, potential_var=v).rsample(jax.random.key(2)))
+    ),
+    "log_prob": lambda v, a: jnp.sum(
+        LDSPosterior(_prior(a, None), MEANS, potential_var=v).log_prob(PATH)
+    ),
+}
+
+
+@pytest.mark.parametrize("quantity", list(BATCHED_FNS))
+def test_shared_covariances_batch_gradient_matches_finite_differences(quantity):
     var = jnp.asarray(RNG.uniform(0.3, 1.5, size=(T, K)))
     check_grads(
-        lambda v, a: _value("kl_terms", v, a, MEANS, "sequential"),
+        BATCHED_FNS[quantity],
         (var, jnp.asarray(0.8)),
         order=1,
         modes=["rev"],
