@@ -1013,9 +1013,8 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
 
 
 def _posterior_stats(chain, potentials, schedule):
-    filtered = _filter(chain, potentials, schedule)
-    stats = PosteriorStats(_smoothed_moments(chain, filtered, schedule), filtered.log_normalizer)
-    return _batched_with(stats, (chain, potentials))
+    # The forward pass's value (its residuals are dropped by XLA).
+    return _posterior_stats_fwd_traced(chain, potentials, schedule)[0]
 
 
 def _batched_with(outputs, inputs):
@@ -1031,9 +1030,7 @@ def _batched_with(outputs, inputs):
     output is batched whenever any input is, and each member's cotangent is its own. It is
     an empty sum, folded away by XLA.
     """
-    leaves = jax.tree.leaves((outputs, inputs))
-    dtype = jnp.result_type(*(x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)))
-    zero = sum(jnp.sum(jnp.ravel(x)[:0].astype(dtype)) for x in jax.tree.leaves(inputs))
+    zero = sum(jnp.sum(jnp.ravel(x)[:0].astype(jnp.float32)) for x in jax.tree.leaves(inputs))
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), outputs)
 
 
