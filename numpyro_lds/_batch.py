@@ -22,7 +22,7 @@ def _uses_lapack(args, event_ndims):
 def _sequence_map(fn, args, in_axes):
     """``vmap(fn, in_axes)(*args)`` computed one sequence at a time (``lax.map``)."""
     leaves, treedef = jax.tree.flatten(args)
-    axes = jax.tree.leaves(in_axes, is_leaf=lambda a: a is None)
+    axes = treedef.flatten_up_to(in_axes)  # an unbatched leaf's axis is None
 
     def one(batched):
         it = iter(batched)

@@ -669,21 +669,19 @@ class LDSPosterior(_ChainDistribution):
         return out
 
     def _potentials(self):
-        T, k = self.event_shape
-        dtype = self.potential_mean.dtype
+        T = self.event_shape[0]
         # Variances stay [T, d]: never stored or factorized as d x d matrices.
         cov = self.potential_var if self.potential_cov is None else self.potential_cov
-        H = self.emission_matrix
-        if H is None:
-            H = jnp.eye(k, dtype=dtype)[None]
         mask = self.potential_mask
         if mask is None:
             mask = jnp.ones((T,), bool)
-        return Potentials(self.potential_mean, cov, H, mask)
+        return Potentials(self.potential_mean, cov, self.emission_matrix, mask)
 
     def _core_args(self):
         chain, chain_ndims = self.prior._core_args()
         ndims = _POTENTIAL_NDIMS if self.potential_var is None else _DIAGONAL_POTENTIAL_NDIMS
+        if self.emission_matrix is None:  # the identity: kalman.Potentials
+            ndims = ndims._replace(emission_matrix=None)
         return (chain, self._potentials()), (chain_ndims, ndims)
 
     @classmethod

@@ -116,11 +116,14 @@ class Potentials(NamedTuple):
 
     ``cov`` is ``[T, d, d]``, or ``[T, d]`` for diagonal covariances (their variances),
     which are then never stored, factorized or differentiated as ``d × d`` matrices.
+    ``emission_matrix=None`` is the identity (``d = k``): no product with it is formed
+    (XLA does not fold a product with an identity matrix; each was a dot call per step at
+    ``k > 8``), and its gradient is ``None``.
     """
 
     mean: jnp.ndarray  # [T, d]
     cov: jnp.ndarray  # [T, d, d], or [T, d]: diagonal
-    emission_matrix: jnp.ndarray  # [T or 1, d, k]
+    emission_matrix: jnp.ndarray | None  # [T or 1, d, k]; None: the identity
     mask: jnp.ndarray  # [T] bool; False: no potential at that step
 
 
@@ -457,18 +460,43 @@ def _is_diagonal(R, y):
     return R.ndim == y.ndim
 
 
+def _emit(H, x):
+    """``H x`` for states ``x [.., k]`` (``x`` itself where ``H`` is ``None``, the identity)."""
+    return x if H is None else matvec(H, x)
+
+
+def _emit_transpose(H, v):
+    """``Hᵀ v`` for ``v [.., d]``."""
+    return v if H is None else matvec(transpose(H), v)
+
+
+def _emit_left(H, X):
+    """``H X`` for ``X [.., k, n]``."""
+    return X if H is None else matmul(H, X)
+
+
+def _emit_right(X, H):
+    """``X H`` for ``X [.., n, d]``."""
+    return X if H is None else matmul(X, H)
+
+
+def _emit_cov(H, P):
+    """``H P Hᵀ`` (symmetrized)."""
+    return symmetrize(P) if H is None else quad_form(H, P)
+
+
 def _condition(m, P, y, R, H, observed) -> _Update:
     """Condition ``N(m, P)`` on ``N(y; H z, R)``: Kalman update in Joseph form.
 
     ``R`` is ``[.., d, d]``, or ``[.., d]`` (the variances of a diagonal ``R``).
     """
     k, d = m.shape[-1], y.shape[-1]
-    Hm = matvec(H, m)
+    Hm = _emit(H, m)
     diagonal = _is_diagonal(R, y)
     R_full = R[..., None] * jnp.eye(d, dtype=R.dtype) if diagonal else R
-    chol_S = cholesky(quad_form(H, P) + R_full)
-    K = transpose(cho_solve(chol_S, matmul(H, P)))  # P Hᵀ S⁻¹
-    I_KH = jnp.eye(k, dtype=m.dtype) - matmul(K, H)
+    chol_S = cholesky(_emit_cov(H, P) + R_full)
+    K = transpose(cho_solve(chol_S, _emit_left(H, P)))  # P Hᵀ S⁻¹
+    I_KH = jnp.eye(k, dtype=m.dtype) - _emit_right(K, H)
     m_new = m + matvec(K, y - Hm)
     # Joseph form: a sum of two PSD terms, so P_new stays PSD under round-off.
     K_R_Kt = symmetrize(matmul(K * R[..., None, :], transpose(K))) if diagonal else quad_form(K, R)
@@ -532,17 +560,21 @@ def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
     num_steps = y.shape[0]
     k = chain.initial_mean.shape[-1]
     F, c, S = _transitions_along_time(chain, num_steps)
-    H = _along_time(H, num_steps)
+    if H is None:  # the identity
+        H_first = H_rest = None
+    else:
+        H = _along_time(H, num_steps)
+        H_first, H_rest = H[0], H[1:]
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
-    u0 = _condition(m0, P0, y[0], R[0], H[0], mask[0])
+    u0 = _condition(m0, P0, y[0], R[0], H_first, mask[0])
     # Step t ≥ 2, given z_{t-1}: the prediction N(F z + c, S) conditioned on potential t.
-    u = _condition(c, S, y[1:], R[1:], H[1:], mask[1:])
+    u = _condition(c, S, y[1:], R[1:], H_rest, mask[1:])
     eye = jnp.eye(k, dtype=m0.dtype)
-    V = solve_lower(u.chol_S, matmul(H[1:], F))  # S^{-1/2} H F, so J = VᵀV is PSD
-    w = solve_lower_vec(u.chol_S, y[1:] - matvec(H[1:], c))
+    V = solve_lower(u.chol_S, _emit_left(H_rest, F))  # S^{-1/2} H F, so J = VᵀV is PSD
+    w = solve_lower_vec(u.chol_S, y[1:] - _emit(H_rest, c))
     o_vec, o_mat = mask[1:, None], mask[1:, None, None]
     steps = _FilterElement(
-        matmul(eye - matmul(u.gain, H[1:]), F),
+        matmul(eye - _emit_right(u.gain, H_rest), F),
         u.mean,
         u.cov,
         jnp.where(o_mat, matmul(transpose(V), V), 0.0),
@@ -681,7 +713,7 @@ def _filter_tangent(
     # The update's gain (0 at unobserved steps) and innovation factor, for all steps at
     # once; the updated moments it also returns are unused (and dropped by XLA).
     update = _condition(mp, Pp, y, R, H, mask)
-    A = jnp.eye(k, dtype=mf.dtype) - matmul(update.gain, H)
+    A = jnp.eye(k, dtype=mf.dtype) - _emit_right(update.gain, H)
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)
     if means_only:
@@ -689,8 +721,8 @@ def _filter_tangent(
         covs_dot, Pp_dot = jnp.zeros_like(Pf), jnp.zeros_like(Pf[1:])
         offset = node_mean[1:]
     else:
-        S_inv_r = cho_solve(update.chol_S, (y - matvec(H, mp))[..., None])[..., 0]
-        v = jnp.where(mask[:, None], matvec(transpose(H), S_inv_r), 0.0)
+        S_inv_r = cho_solve(update.chol_S, (y - _emit(H, mp))[..., None])[..., 0]
+        v = jnp.where(mask[:, None], _emit_transpose(H, S_inv_r), 0.0)
         node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
         node_cov = quad_form(Pf, J_dot)
         # Step t-1 → t: the terms of the prediction's tangent that F_dot adds.
@@ -849,9 +881,9 @@ def _node_residuals(moments, potentials, tangent, weight):
     """
     y, R, H, _ = _masked_potentials(potentials)
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
-    e = y - matvec(H, moments.means)
-    e_dot = None if tangent is None else -matvec(H, tangent.means)
-    V = _emission_diagonal(H, P) if _is_diagonal(R, y) else quad_form(H, P)
+    e = y - _emit(H, moments.means)
+    e_dot = None if tangent is None else -_emit(H, tangent.means)
+    V = _emission_diagonal(H, P) if _is_diagonal(R, y) else _emit_cov(H, P)
     return P, e, e_dot, V
 
 
@@ -861,6 +893,8 @@ def _emission_diagonal(H, P):
     With ``H`` shared by every step, one contraction of ``P`` (as ``[T, k²]``) with the
     ``[k², d]`` products ``H_ij H_il``: no ``[T, d, k]`` product ``H P`` is formed.
     """
+    if H is None:
+        return jnp.diagonal(P, axis1=-2, axis2=-1)
     if H.shape[0] != 1:
         return jnp.sum(matmul(H, P) * H, axis=-1)
     d, k = H.shape[-2:]
@@ -1085,7 +1119,7 @@ def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, sched
         noise = jnp.sqrt(R) * eps_y
     else:
         noise = matvec(cholesky(R), eps_y)
-    pseudo = matvec(H, prior_path) + noise
+    pseudo = _emit(H, prior_path) + noise
     centred = chain._replace(
         initial_mean=jnp.zeros_like(chain.initial_mean),
         transition_offset=jnp.zeros_like(chain.transition_offset),
@@ -1128,7 +1162,7 @@ def _posterior_log_prob_fwd(chain, potentials, z, schedule, state):
 def _joint_log_density(chain, potentials, z):
     """``log prior(z) + Σ_t mask_t log N(mean_t; H_t z_t, cov_t)`` for ``z [..., T, k]``."""
     y, R, H, mask = _masked_potentials(potentials)
-    residual = y - matvec(H, z)
+    residual = y - _emit(H, z)
     if _is_diagonal(R, y):
         node = -0.5 * sum_last(residual * residual / R + jnp.log(2 * math.pi * R))
     else:
@@ -1293,7 +1327,6 @@ def _expected_log_joint_along_grad(
     # Potentials; masked steps contribute nothing.
     y, R, H, mask = _masked_potentials(potentials)
     P_w, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
-    H_P = matmul(H, P_w)  # for the gradient w.r.t. H only (dropped by XLA when unused)
     on = mask.astype(dtype)
     if _is_diagonal(R, y):
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
@@ -1307,21 +1340,24 @@ def _expected_log_joint_along_grad(
         lam_vec, lam_mat = functools.partial(matvec, lam), functools.partial(matmul, lam)
         g_R = gaussian_energy_cov_grad(lam, _scatter(weight, e, e_dot, V), weight, on, R.shape)
     r = lam_vec(_along(weight, e, e_dot))
-    g_H = _outer(r, m) - lam_mat(H_P)
-    if tangent is not None:
-        g_H = g_H + _outer(lam_vec(e), m_dot)
+    g_H = None
+    if H is not None:
+        g_H = _outer(r, m) - lam_mat(matmul(H, P_w))
+        if tangent is not None:
+            g_H = g_H + _outer(lam_vec(e), m_dot)
+        g_H = sum_to_shape(on[:, None, None] * g_H, H.shape)
     g_potentials = Potentials(
-        on[:, None] * -r,
-        g_R,
-        sum_to_shape(on[:, None, None] * g_H, potentials.emission_matrix.shape),
-        np.zeros(mask.shape, dtype=jax.dtypes.float0),
+        on[:, None] * -r, g_R, g_H, np.zeros(mask.shape, dtype=jax.dtypes.float0)
     )
     if not moments_grad:
         return g_chain, g_potentials
     # e = y − H m_t: ∂/∂m_t = Hᵀ r; V = H P_t Hᵀ: ∂/∂P_t = −Hᵀ Λ H/2.
-    H_t = transpose(H)
-    g_means = g_means + on[:, None] * matvec(H_t, r)
-    g_covs = g_covs - 0.5 * on[:, None, None] * symmetrize(matmul(H_t, lam_mat(H)))
+    g_means = g_means + on[:, None] * _emit_transpose(H, r)
+    if H is None:  # Λ itself
+        lam_H = lam_mat(jnp.eye(y.shape[-1], dtype=dtype)) if _is_diagonal(R, y) else lam
+    else:
+        lam_H = symmetrize(matmul(transpose(H), lam_mat(H)))
+    g_covs = g_covs - 0.5 * on[:, None, None] * lam_H
     return Moments(g_means, g_covs, g_cross), g_chain, g_potentials
 
 

@@ -81,7 +81,9 @@ def dense(dist):
                 cov,
                 y,
                 _select(R, idx, 3),
-                _select(pot.emission_matrix, idx, 3),
+                _select(
+                    np.eye(k)[None] if pot.emission_matrix is None else pot.emission_matrix, idx, 3
+                ),
                 np.broadcast_to(_select(pot.mask, idx, 1), (T,)),
                 k,
             )
