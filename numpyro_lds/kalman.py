@@ -711,8 +711,12 @@ def _filter_tangent(
     mp, Pp = filtered.predicted_means, filtered.predicted_covs
     mf, Pf = filtered.filtered_means, filtered.filtered_covs
     # The update's gain (0 at unobserved steps) and innovation factor, for all steps at
-    # once; the updated moments it also returns are unused (and dropped by XLA).
-    update = _condition(mp, Pp, y, R, H, mask)
+    # once; the updated moments it also returns are unused (and dropped by XLA). Here the
+    # identity emission is an explicit H = I: with none, the gain's solve has the
+    # predicted covariances themselves as its right-hand side, and the KL + gradient's
+    # peak memory rose from 18.1 to 20.9 k × k matrices a step (k = 16, XLA's estimate).
+    H_update = jnp.eye(k, dtype=mf.dtype)[None] if H is None else H
+    update = _condition(mp, Pp, y, R, H_update, mask)
     A = jnp.eye(k, dtype=mf.dtype) - _emit_right(update.gain, H)
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)
