@@ -20,7 +20,7 @@ So ``floor = filter + 3 × affine`` is a lower bound for a sequential exact KL +
 spread across blocks, so the bound does not cover them; the blocked KL + gradient is
 timed beside it. Each step is written in the fastest form measured for it on this CPU: our
 ``linalg`` helpers inside a scan body (unrolled for ``k ≤ 8``, LAPACK and dot calls one
-matrix at a time above), and, for a batch, ``vmap`` with the batched forms. Calls of a
+matrix at a time above), and a batch is run as the package runs one. Calls of a
 size alternate (``bench_kl.interleaved_medians``); medians of ``--repeats``.
 
     python benchmarks/cpu_floor.py             # about 2 minutes on a 2-core machine
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_lds import kalman, linalg
+from numpyro_lds._batch import batch_map
 
 # (label, k, T, batch, fraction of dynamax's smoother the target allows)
 TARGETS = (
@@ -80,27 +81,19 @@ def affine_floor(X0):
     return lambda G, L: kalman._scan(step, X0, (G, L), G.shape[0])[1]
 
 
-def batched(fn, batch):
-    """``fn`` of one sequence, run on the leading axis of its arguments as the package
-    runs a batch of ``k ≤ 8`` (``vmap`` under ``linalg.tracing(batched=True)``; unbatched
-    for one). Larger ``k`` is timed for one sequence only: the package runs such batches
-    one sequence at a time on CPU (``_batch.batch_map``)."""
-
-    def run(*args):
-        if batch == 1:
-            return fn(*(a[0] for a in args))
-        with linalg.tracing(batched=True):
-            return jax.vmap(fn)(*args)
-
-    return run
+def batched(fn, *event_ndims):
+    """``fn`` of one sequence over the leading (batch) axis of its arguments, as the
+    package runs a batch (:func:`numpyro_lds._batch.batch_map`: unbatched for one,
+    ``vmap`` with the batched forms for ``k ≤ 8``, one sequence at a time above)."""
+    return lambda *args: batch_map(fn, args[0].shape[:1], args, event_ndims)
 
 
 def measure(label, k, T, batch, fraction, repeats):
     p = bench_kl.problem(T, k, batch, jnp.float32)
     var, G, L = _inputs(p)
     methods = {
-        "filter step (floor)": (batched(filter_floor(p["A"], p["Q"], p["P0"]), batch), (var,)),
-        "affine step (floor)": (batched(affine_floor(p["P0"]), batch), (G, L)),
+        "filter step (floor)": (batched(filter_floor(p["A"], p["Q"], p["P0"]), 2), (var,)),
+        "affine step (floor)": (batched(affine_floor(p["P0"]), 3, 3), (G, L)),
     }
     ours = bench_kl.ours(p, "sequential")
     for name in ("numpyro_lds KL [sequential]", "numpyro_lds KL+grad [sequential]"):
