@@ -3,6 +3,7 @@
 from numpyro_lds.diagnostics import pareto_k, to_inference_data
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
 from numpyro_lds.guides import AutoLDSGuide
+from numpyro_lds.infer import NaturalGradientSVI
 from numpyro_lds.kl import KLTerms, kl_terms
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "KLTerms",
     "LDSPosterior",
     "LinearGaussianStateSpace",
+    "NaturalGradientSVI",
     "kl_terms",
     "pareto_k",
     "to_inference_data",

@@ -11,7 +11,6 @@ import numpyro
 from jax import random
 from jax.scipy.special import ndtri
 from numpyro import handlers
-from numpyro.distributions import constraints
 from numpyro.distributions.distribution import (
     ExpandedDistribution,
     Independent,
@@ -20,7 +19,9 @@ from numpyro.distributions.distribution import (
 from numpyro.distributions.util import periodic_repeat
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
 from numpyro.infer.initialization import init_to_median
+from numpyro.infer.util import log_density
 
+from numpyro_lds.conjugate import likelihood_curvature, natural_step
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
 
 __all__ = ["AutoLDSGuide"]
@@ -137,13 +138,26 @@ class AutoLDSGuide(AutoGuide):
         encoder=None,
         potential_mask=None,
         create_plates=None,
+        potential_form="full",
+        init_potentials="newton",
         init_loc_fn=init_to_median,
         init_scale=10.0,
         prefix="auto",
     ):
+        if potential_form not in ("full", "diagonal"):
+            raise ValueError(
+                f"potential_form must be 'full' or 'diagonal', got {potential_form!r}"
+            )
+        if init_potentials not in ("newton", "prior"):
+            raise ValueError(
+                f"init_potentials must be 'newton' or 'prior', got {init_potentials!r}"
+            )
         self.encoder = encoder
         self.potential_mask = potential_mask
+        self.potential_form = potential_form
+        self.init_potentials = init_potentials
         self._init_scale = init_scale
+        self._init_potentials: dict = {}
         self._lds_sites: dict = {}
         self._other = None
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn, create_plates=create_plates)
@@ -156,15 +170,8 @@ class AutoLDSGuide(AutoGuide):
             prior, _ = _unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
                 self._lds_sites[name] = site
-                # Free potentials are parameters of the full size of every plate (subsampled
-                # plates take their rows): the prototype's initial values are repeated to it.
-                event_dim = site["fn"].event_dim
-                for frame in site["cond_indep_stack"]:
-                    full_size = self._prototype_frame_full_sizes[frame.name]
-                    if full_size != frame.size:
-                        self._init_locs[name] = periodic_repeat(
-                            self._init_locs[name], full_size, frame.dim - event_dim
-                        )
+        if self.encoder is None and self._lds_sites:
+            self._init_potentials = self._initial_potentials(*args, **kwargs)
         others = [
             n
             for n, s in self.prototype_trace.items()
@@ -178,6 +185,79 @@ class AutoLDSGuide(AutoGuide):
                 init_scale=min(self._init_scale, 0.1),
                 create_plates=self.create_plates,
             )
+
+    def log_likelihood_fn(self, trace, params, *args, **kwargs):
+        """``f(z)``: the model's log joint without its LDS sites' priors, as a function of them.
+
+        ``z`` is ``{site: value}`` for the LDS sites; every other latent site and every plate's
+        subsample take their values from ``trace`` (a trace of this guide), and the model's
+        parameters from ``params``. This is the "everything in the log joint but the LDS
+        prior" whose expected gradient and curvature set the potentials in the
+        conjugate-computation step (:class:`~numpyro_lds.NaturalGradientSVI`).
+        """
+        hide = list(self._lds_sites)
+
+        def fn(z):
+            model = handlers.block(handlers.substitute(self.model, data=z), hide=hide)
+            model = handlers.replay(handlers.seed(model, rng_seed=0), trace=trace)
+            with handlers.block():  # seen by no handler around the caller (a guide's trace)
+                return log_density(model, args, kwargs, params)[0]
+
+        return fn
+
+    def _initial_potentials(self, *args, **kwargs):
+        """Initial free potentials ``{site: (obs, root)}`` of the prototype.
+
+        ``"newton"``: one conjugate-computation step from the prior median, with the
+        likelihood's gradient and curvature taken there (a Newton step on the log-likelihood,
+        a Gauss–Newton step where its curvature is clipped): for a Gaussian likelihood this is
+        the exact posterior at the initial parameter values, in any units. ``"prior"``: weak
+        potentials of standard deviation ``init_scale`` centred on the prior median.
+        """
+        z0 = {name: self.prototype_trace[name]["value"] for name in self._lds_sites}
+        out = {}
+        for name, z in z0.items():
+            k = z.shape[-1]
+            if self.potential_form == "full":
+                root = jnp.broadcast_to(jnp.eye(k, dtype=z.dtype), z.shape + (k,))
+                obs = z
+            else:
+                root, obs = jnp.ones_like(z), z
+            scale = 1.0 / self._init_scale
+            out[name] = (scale * obs, scale * root)
+        if self.init_potentials == "newton":
+            params = {
+                n: s["value"]
+                for n, s in self.prototype_trace.items()
+                if (s["type"] == "param" or (s["type"] == "sample" and not s["is_observed"]))
+                and n not in self._lds_sites
+            }
+            fn = self.log_likelihood_fn(self.prototype_trace, params, *args, **kwargs)
+            grads, hessians = likelihood_curvature(fn, z0)
+            for name, z in z0.items():
+                obs, root = out[name]
+                scale = self._lds_sites[name]["scale"]
+                scale = 1.0 if scale is None else scale
+                new_obs, new_root, _ = natural_step(
+                    obs, root, z, grads[name] / scale, hessians[name] / scale, 1.0
+                )
+                out[name] = (new_obs, new_root)
+        # Free potentials are parameters of the full size of every plate (subsampled plates
+        # take their rows): the prototype's initial values are repeated to it.
+        for name, site in self._lds_sites.items():
+            event_dim = site["fn"].event_dim
+            obs, root = out[name]
+            for frame in site["cond_indep_stack"]:
+                full_size = self._prototype_frame_full_sizes[frame.name]
+                if full_size != frame.size:
+                    obs = periodic_repeat(obs, full_size, frame.dim - event_dim)
+                    root = periodic_repeat(root, full_size, frame.dim - event_dim - root.ndim + obs.ndim)
+            out[name] = (obs, root)
+        return out
+
+    def potential_param_names(self, name):
+        """Names of the free potentials' parameters ``(obs, root)`` at LDS site ``name``."""
+        return f"{name}_{self.prefix}_potential_obs", f"{name}_{self.prefix}_potential_root"
 
     def _model_priors(self, values, indices, *args, **kwargs):
         """The model's distributions at the LDS sites, given the other latents' values.
@@ -194,17 +274,22 @@ class AutoLDSGuide(AutoGuide):
     def _potentials(self, name, encoded):
         """Free potentials (called inside the site's plates) or the encoder's."""
         if encoded is not None:
-            return encoded[name]
-        init_mean = self._init_locs[name]
+            mean, var = encoded[name]
+            return {"potential_mean": mean, "potential_var": var}
+        init_obs, init_root = self._init_potentials[name]
         event_dim = self._lds_sites[name]["fn"].event_dim
-        mean = numpyro.param(f"{name}_{self.prefix}_potential_mean", init_mean, event_dim=event_dim)
-        var = numpyro.param(
-            f"{name}_{self.prefix}_potential_var",
-            jnp.full(jnp.shape(init_mean), self._init_scale**2),
-            constraint=constraints.softplus_positive,
-            event_dim=event_dim,
+        obs_name, root_name = self.potential_param_names(name)
+        obs = numpyro.param(obs_name, init_obs, event_dim=event_dim)
+        root = numpyro.param(
+            root_name, init_root, event_dim=event_dim + init_root.ndim - init_obs.ndim
         )
-        return mean, var
+        if root.ndim == obs.ndim:  # diagonal
+            root = root[..., :, None] * jnp.eye(root.shape[-1], dtype=root.dtype)
+        return {
+            "potential_mean": obs,
+            "potential_var": jnp.ones_like(obs),
+            "emission_matrix": root,
+        }
 
     @staticmethod
     @contextmanager
@@ -236,7 +321,7 @@ class AutoLDSGuide(AutoGuide):
         for name, fn in self._model_priors(values, indices, *args, **kwargs).items():
             prior, wrappers = _unwrap(fn)
             with self._in_plates(plates, self._lds_sites[name]["cond_indep_stack"]):
-                mean, var = self._potentials(name, encoded)
+                potentials = self._potentials(name, encoded)
             mask = masks.get(name)
             expected = prior.batch_shape + prior.event_shape[:1]
             if mask is not None and jnp.shape(mask) != expected:
@@ -244,7 +329,7 @@ class AutoLDSGuide(AutoGuide):
                     f"potential_mask for site {name!r} must have shape {expected} (the site's "
                     f"batch_shape + [T]), got {jnp.shape(mask)}"
                 )
-            q = LDSPosterior(prior, mean, potential_var=var, mask=mask)
+            q = LDSPosterior(prior, **potentials, mask=mask)
             out[name] = _rewrap(q, wrappers)
         return values, out
 
