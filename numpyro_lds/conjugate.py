@@ -23,7 +23,7 @@ mean parameters: with ``g_t = E_q[∇_{z_t} f]`` and ``H_t = E_q[∇²_{z_t} f]`
     \Lambda_t \leftarrow (1-\beta)\Lambda_t + \beta\,[-H_t]_+,\qquad
     h_t \leftarrow (1-\beta) h_t + \beta\,(g_t + [-H_t]_+\, m_t),
 
-where ``[·]_+`` is the positive semi-definite part taken by :func:`psd_root` and ``m_t``
+where ``[·]_+`` is the positive semi-definite part taken by :func:`modified_ldl` and ``m_t``
 the marginal mean (``docs/derivation.md``, section 9).
 """
 
@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "information_from_root",
+    "information_from_potential",
     "likelihood_curvature",
+    "modified_ldl",
     "natural_step",
-    "psd_root",
-    "root_from_information",
+    "potential_from_information",
+    "potential_root",
 ]
 
 
@@ -45,26 +46,23 @@ def _diag_embed(x):
     return x[..., :, None] * jnp.eye(x.shape[-1], dtype=x.dtype)
 
 
-def psd_root(precision):
-    """A square root ``G`` with ``GᵀG = [precision]_+`` for symmetric ``precision [..., k, k]``.
+def modified_ldl(precision):
+    """``LDLᵀ`` of symmetric ``precision [..., k, k]`` with non-positive pivots set to zero.
 
-    The root is ``D^{1/2} Lᵀ`` from an ``LDLᵀ`` factorization in which a pivot that is not
-    positive (a direction of zero or negative curvature) is set to zero together with its
-    column: a modified Cholesky factorization, so the root of a positive semi-definite
-    matrix is exact, zero rows included, and an indefinite one is projected onto the
-    positive semi-definite cone along the factorization's order (Gill & Murray 1974).
-    A pivot counts as zero below ``k · eps`` times the largest diagonal entry, the
-    round-off of the elimination itself.
+    A pivot that is not positive (a direction of zero or negative curvature) is set to zero
+    together with the rest of its column of ``L``: a modified Cholesky factorization
+    (Gill & Murray 1974). ``L D Lᵀ`` is the matrix itself where it is positive
+    semi-definite, zero-precision directions included, and a positive semi-definite
+    projection of it (along the factorization's order) where it is not. A pivot counts as
+    zero below ``k · eps`` times the largest diagonal entry, the round-off of the
+    elimination itself. Elementwise code: no LAPACK call.
 
     Returns:
-      ``(root, unit_lower, pivots)``: ``root [..., k, k]``, the unit lower-triangular ``L``
-      and the clipped pivots ``D [..., k]``.
+      ``(unit_lower, pivots)``: ``L [..., k, k]`` unit lower-triangular and ``D [..., k] ≥ 0``.
     """
     a = 0.5 * (precision + jnp.swapaxes(precision, -1, -2))
     k = a.shape[-1]
-    eps = jnp.finfo(a.dtype).eps
-    scale = jnp.max(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)), axis=-1)
-    tol = k * eps * scale
+    tol = k * jnp.finfo(a.dtype).eps * jnp.max(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)), -1)
     L = [[None] * k for _ in range(k)]
     d = [None] * k
     for j in range(k):
@@ -80,45 +78,53 @@ def psd_root(precision):
     unit_lower = jnp.stack(
         [jnp.stack([L[i][j] if j <= i else zero for j in range(k)], -1) for i in range(k)], -2
     )
-    pivots = jnp.stack(d, -1)
-    root = jnp.sqrt(pivots)[..., :, None] * jnp.swapaxes(unit_lower, -1, -2)
-    return root, unit_lower, pivots
+    return unit_lower, jnp.stack(d, -1)
 
 
-def information_from_root(obs, root):
-    """Natural parameters ``(h, Λ) = (Gᵀy, GᵀG)`` of potentials ``(y, G)``.
+def potential_root(root_diag, root_upper=None):
+    """``G = diag(root_diag) (I + U)``, ``U`` the strict upper triangle of ``root_upper``.
 
-    ``root`` is ``[..., k, k]``, or ``[..., k]`` for a diagonal ``G``.
+    Without ``root_upper`` the root is diagonal and returned as its diagonal, ``root_diag``.
     """
-    if root.ndim == obs.ndim:
+    if root_upper is None:
+        return root_diag
+    k = root_diag.shape[-1]
+    return root_diag[..., :, None] * (jnp.eye(k, dtype=root_diag.dtype) + jnp.triu(root_upper, 1))
+
+
+def information_from_potential(obs, root_diag, root_upper=None):
+    """Natural parameters ``(h, Λ) = (Gᵀy, GᵀG)`` of a potential ``(y, G)``."""
+    root = potential_root(root_diag, root_upper)
+    if root_upper is None:
         return root * obs, _diag_embed(root**2)
     h = jnp.einsum("...ij,...i->...j", root, obs)
     return h, jnp.einsum("...ij,...ik->...jk", root, root)
 
 
-def root_from_information(information, precision, diagonal=False):
-    """Potentials ``(y, G)`` with ``GᵀG = [Λ]_+`` and ``Gᵀy = h``.
+def potential_from_information(information, precision, diagonal=False):
+    """``(obs, root_diag, root_upper)`` of natural parameters ``(h, Λ)``, ``Λ`` projected.
 
-    ``h`` is taken on the range of ``[Λ]_+``: a component of ``h`` along a direction of
-    zero precision has no Gaussian factor to belong to and is dropped. With ``diagonal``,
-    ``Λ``'s diagonal alone is used (negative entries clipped to zero) and ``G`` is
-    ``[..., k]``.
+    ``[Λ]_+ = L D Lᵀ`` (:func:`modified_ldl`) gives ``G = D^{1/2} Lᵀ``, so ``root_diag =
+    D^{1/2}`` and ``root_upper = Lᵀ``, and ``y = D^{-1/2} L^{-1} h`` solves ``Gᵀy = h``; ``h``
+    is taken on the range of ``[Λ]_+`` (``y`` is zero where a pivot is): a component along a
+    direction of zero precision has no Gaussian factor to belong to. With ``diagonal``,
+    ``Λ``'s diagonal alone is used (negative entries set to zero) and ``root_upper`` is None.
     """
     if diagonal:
-        lam = jnp.diagonal(precision, axis1=-2, axis2=-1)
-        keep = lam > 0
-        root = jnp.sqrt(jnp.where(keep, lam, 0.0))
-        return jnp.where(keep, information / jnp.where(keep, root, 1.0), 0.0), root
-    root, unit_lower, pivots = psd_root(precision)
-    k = precision.shape[-1]
-    # Gᵀ y = L D^{1/2} y = h: forward substitution with the unit lower L, then D^{-1/2}.
-    w = []
-    for i in range(k):
-        w.append(information[..., i] - sum((unit_lower[..., i, p] * w[p] for p in range(i)), 0.0))
-    w = jnp.stack(w, -1)
+        pivots = jnp.maximum(jnp.diagonal(precision, axis1=-2, axis2=-1), 0.0)
+        w, unit_lower = information, None
+    else:
+        unit_lower, pivots = modified_ldl(precision)
+        k = precision.shape[-1]
+        w = []  # L w = h: forward substitution with the unit lower L
+        for i in range(k):
+            w.append(information[..., i] - sum((unit_lower[..., i, p] * w[p] for p in range(i)), 0.0))
+        w = jnp.stack(w, -1)
     keep = pivots > 0
-    obs = jnp.where(keep, w / jnp.sqrt(jnp.where(keep, pivots, 1.0)), 0.0)
-    return obs, root
+    root_diag = jnp.sqrt(pivots)
+    obs = jnp.where(keep, w / jnp.where(keep, root_diag, 1.0), 0.0)
+    root_upper = None if unit_lower is None else jnp.swapaxes(unit_lower, -1, -2)
+    return obs, root_diag, root_upper
 
 
 def likelihood_curvature(fn, values):
@@ -150,36 +156,36 @@ def likelihood_curvature(fn, values):
     return grads, hessians
 
 
-def natural_step(obs, root, mean, grad, hessian, step_size):
-    """One damped conjugate-computation step of potentials ``(y, G)`` in place of ``(y, G)``.
+def natural_step(information, precision, mean, grad, hessian, step_size, diagonal=False):
+    """One damped conjugate-computation step of a potential's natural parameters.
 
     Args:
-      obs: ``y [..., T, k]``.
-      root: ``G [..., T, k, k]``, or ``[..., T, k]`` (diagonal).
+      information: ``h [..., T, k]``.
+      precision: ``Λ [..., T, k, k]``.
       mean: the marginal means ``m [..., T, k]`` where ``grad`` and ``hessian`` were taken.
       grad: ``E_q[∇f] [..., T, k]``.
       hessian: ``E_q[∇²f] [..., T, k, k]``.
       step_size: ``β`` in ``(0, 1]``.
+      diagonal: keep ``Λ`` diagonal (the likelihood's curvature is replaced by its diagonal,
+        the natural gradient within diagonal potentials).
 
     Returns:
-      ``(obs, root, clipped)``: the new potentials and, per step, whether the curvature
-      had a direction of negative precision that was set to zero.
+      ``(h, Λ, clipped)``: the new natural parameters and, per step, whether the curvature
+      had a direction of negative precision that was set to zero precision.
     """
-    diagonal = root.ndim == obs.ndim
     minus_h = -hessian
     if diagonal:
         lam = jnp.diagonal(minus_h, axis1=-2, axis2=-1)
         clipped = jnp.any(lam < 0, axis=-1)
         lam_lik = _diag_embed(jnp.maximum(lam, 0.0))
     else:
-        lik_root, _, _ = psd_root(minus_h)
-        lam_lik = jnp.einsum("...ij,...ik->...jk", lik_root, lik_root)
-        scale = jnp.max(jnp.abs(jnp.diagonal(minus_h, axis1=-2, axis2=-1)), axis=-1)
-        resid = jnp.max(jnp.abs(lam_lik - minus_h), axis=(-2, -1))
-        clipped = resid > 1e3 * jnp.finfo(obs.dtype).eps * jnp.maximum(scale, 1.0)
+        unit_lower, pivots = modified_ldl(minus_h)
+        lam_lik = jnp.einsum("...ij,...j,...kj->...ik", unit_lower, pivots, unit_lower)
+        scale = jnp.max(jnp.abs(jnp.diagonal(minus_h, axis1=-2, axis2=-1)), -1)
+        tol = 100 * minus_h.shape[-1] * jnp.finfo(minus_h.dtype).eps * scale
+        # the projection moved the curvature by more than round-off: negative curvature
+        clipped = jnp.max(jnp.abs(lam_lik - minus_h), axis=(-2, -1)) > tol
     h_lik = grad + jnp.einsum("...ij,...j->...i", lam_lik, mean)
-    h_old, lam_old = information_from_root(obs, root)
-    h_new = (1 - step_size) * h_old + step_size * h_lik
-    lam_new = (1 - step_size) * lam_old + step_size * lam_lik
-    new_obs, new_root = root_from_information(h_new, lam_new, diagonal=diagonal)
-    return new_obs, new_root, clipped
+    h_new = (1 - step_size) * information + step_size * h_lik
+    lam_new = (1 - step_size) * precision + step_size * lam_lik
+    return h_new, lam_new, clipped

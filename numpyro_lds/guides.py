@@ -11,6 +11,8 @@ import numpyro
 from jax import random
 from jax.scipy.special import ndtri
 from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import AffineTransform, ComposeTransform, biject_to
 from numpyro.distributions.distribution import (
     ExpandedDistribution,
     Independent,
@@ -21,10 +23,58 @@ from numpyro.infer.autoguide import AutoGuide, AutoNormal
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
 
-from numpyro_lds.conjugate import likelihood_curvature, natural_step
+from numpyro_lds.conjugate import (
+    information_from_potential,
+    likelihood_curvature,
+    natural_step,
+    potential_from_information,
+    potential_root,
+)
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
 
 __all__ = ["AutoLDSGuide"]
+
+
+class _Slow(constraints.Constraint):
+    """``base``, reached through a transform scaled so that a unit step moves ``1/rate``.
+
+    The free potentials start at their Newton step (exact for a Gaussian likelihood), and
+    the size of a first-order optimizer's steps then sets how far a noisy gradient
+    scatters them around the optimum. With rates 10 for ``obs`` and ``root_upper`` and 30
+    for ``root_diag``, ``Adam(0.02)`` moves ``obs`` by about ``0.002`` (in units of the
+    potential's own standard deviation) and ``root_diag`` by about 0.07% per step, and
+    keeps the fits of ``benchmarks/adam_defaults.py`` within a quarter of a posterior sd
+    (rates of 1 scattered them by up to 0.58 sd; the precision's noise moves the means too,
+    by ``(potential mean - prior prediction)`` times its relative change).
+    """
+
+    def __init__(self, base, rate):
+        self.base = base
+        self.rate = rate
+        super().__init__()
+
+    @property
+    def event_dim(self):
+        return self.base.event_dim
+
+    def __call__(self, x):
+        return self.base(x)
+
+    def feasible_like(self, prototype):
+        return self.base.feasible_like(prototype)
+
+    def tree_flatten(self):
+        return (), ((), {"base": self.base, "rate": self.rate})
+
+
+@biject_to.register(_Slow)
+def _slow_transform(constraint):
+    scale = AffineTransform(0.0, 1.0 / constraint.rate)
+    return ComposeTransform([scale, biject_to(constraint.base)])
+
+
+_SLOW_REAL = _Slow(constraints.real, 10.0)
+_SLOW_NONNEGATIVE = _Slow(constraints.nonnegative, 30.0)
 
 
 def _unwrap(fn):
@@ -138,7 +188,7 @@ class AutoLDSGuide(AutoGuide):
         encoder=None,
         potential_mask=None,
         create_plates=None,
-        potential_form="full",
+        potential_form="diagonal",
         init_potentials="newton",
         init_loc_fn=init_to_median,
         init_scale=10.0,
@@ -170,8 +220,8 @@ class AutoLDSGuide(AutoGuide):
             prior, _ = _unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
                 self._lds_sites[name] = site
-        if self.encoder is None and self._lds_sites:
-            self._init_potentials = self._initial_potentials(*args, **kwargs)
+        self._init_potentials = {}
+        self._prototype_args = (args, kwargs)
         others = [
             n
             for n, s in self.prototype_trace.items()
@@ -205,26 +255,30 @@ class AutoLDSGuide(AutoGuide):
 
         return fn
 
+    def _initial(self, name):
+        if self._init_potentials:
+            return self._init_potentials[name]
+        args, kwargs = self._prototype_args
+        init = self._initial_potentials(*args, **kwargs)
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(init)):
+            self._init_potentials = init  # kept only outside a trace, where it cannot leak
+        return init[name]
+
     def _initial_potentials(self, *args, **kwargs):
-        """Initial free potentials ``{site: (obs, root)}`` of the prototype.
+        """Initial free potentials ``{site: {param name: value}}`` of the prototype.
 
         ``"newton"``: one conjugate-computation step from the prior median, with the
-        likelihood's gradient and curvature taken there (a Newton step on the log-likelihood,
+        likelihood's gradient and curvature taken there (a Newton step on the log-likelihood;
         a Gauss–Newton step where its curvature is clipped): for a Gaussian likelihood this is
         the exact posterior at the initial parameter values, in any units. ``"prior"``: weak
         potentials of standard deviation ``init_scale`` centred on the prior median.
         """
         z0 = {name: self.prototype_trace[name]["value"] for name in self._lds_sites}
-        out = {}
+        diagonal = self.potential_form == "diagonal"
+        natural = {}
         for name, z in z0.items():
-            k = z.shape[-1]
-            if self.potential_form == "full":
-                root = jnp.broadcast_to(jnp.eye(k, dtype=z.dtype), z.shape + (k,))
-                obs = z
-            else:
-                root, obs = jnp.ones_like(z), z
-            scale = 1.0 / self._init_scale
-            out[name] = (scale * obs, scale * root)
+            precision = jnp.broadcast_to(jnp.eye(z.shape[-1], dtype=z.dtype), z.shape + z.shape[-1:])
+            natural[name] = (z / self._init_scale**2, precision / self._init_scale**2)
         if self.init_potentials == "newton":
             params = {
                 n: s["value"]
@@ -235,29 +289,57 @@ class AutoLDSGuide(AutoGuide):
             fn = self.log_likelihood_fn(self.prototype_trace, params, *args, **kwargs)
             grads, hessians = likelihood_curvature(fn, z0)
             for name, z in z0.items():
-                obs, root = out[name]
                 scale = self._lds_sites[name]["scale"]
                 scale = 1.0 if scale is None else scale
-                new_obs, new_root, _ = natural_step(
-                    obs, root, z, grads[name] / scale, hessians[name] / scale, 1.0
+                h, lam, _ = natural_step(
+                    *natural[name], z, grads[name] / scale, hessians[name] / scale, 1.0, diagonal
                 )
-                out[name] = (new_obs, new_root)
-        # Free potentials are parameters of the full size of every plate (subsampled plates
-        # take their rows): the prototype's initial values are repeated to it.
+                natural[name] = (h, lam)
+        out = {}
         for name, site in self._lds_sites.items():
-            event_dim = site["fn"].event_dim
-            obs, root = out[name]
+            values = self.potential_params(name, *natural[name])
+            # Free potentials are parameters of the full size of every plate (subsampled
+            # plates take their rows): the prototype's initial values are repeated to it.
             for frame in site["cond_indep_stack"]:
                 full_size = self._prototype_frame_full_sizes[frame.name]
                 if full_size != frame.size:
-                    obs = periodic_repeat(obs, full_size, frame.dim - event_dim)
-                    root = periodic_repeat(root, full_size, frame.dim - event_dim - root.ndim + obs.ndim)
-            out[name] = (obs, root)
+                    values = {
+                        n: periodic_repeat(v, full_size, frame.dim - self._event_dim(name, n))
+                        for n, v in values.items()
+                    }
+            out[name] = values
         return out
 
     def potential_param_names(self, name):
-        """Names of the free potentials' parameters ``(obs, root)`` at LDS site ``name``."""
-        return f"{name}_{self.prefix}_potential_obs", f"{name}_{self.prefix}_potential_root"
+        """Names of the free potentials' parameters at LDS site ``name``.
+
+        ``{site}_{prefix}_potential_obs`` (``y [..., T, k]``), ``_potential_root_diag``
+        (``[..., T, k]``, positive or zero) and, for ``potential_form="full"``,
+        ``_potential_root_upper`` (``[..., T, k, k]``, of which the strict upper triangle is
+        used): the potential is ``exp(-½ ‖y_t - G_t z_t‖²)`` with
+        ``G_t = diag(root_diag_t) (I + U_t)``, ``U_t`` the strict upper triangle of
+        ``root_upper_t``: precision ``G_tᵀ G_t`` and information ``G_tᵀ y_t``.
+        """
+        names = [f"{name}_{self.prefix}_potential_{p}" for p in ("obs", "root_diag")]
+        if self.potential_form == "full":
+            names.append(f"{name}_{self.prefix}_potential_root_upper")
+        return tuple(names)
+
+    def potential_params(self, name, information, precision):
+        """``{param name: value}`` of site ``name``'s potentials with natural parameters
+        ``(h, Λ)`` (``Λ`` projected onto the positive semi-definite matrices)."""
+        diagonal = self.potential_form == "diagonal"
+        values = potential_from_information(information, precision, diagonal=diagonal)
+        names = self.potential_param_names(name)
+        return dict(zip(names, values[: len(names)]))
+
+    def potential_information(self, name, params):
+        """Natural parameters ``(h, Λ)`` of site ``name``'s potentials in ``params``."""
+        return information_from_potential(*(params[n] for n in self.potential_param_names(name)))
+
+    def _event_dim(self, name, param_name):
+        event_dim = self._lds_sites[name]["fn"].event_dim
+        return event_dim + 1 if param_name.endswith("_root_upper") else event_dim
 
     def _model_priors(self, values, indices, *args, **kwargs):
         """The model's distributions at the LDS sites, given the other latents' values.
@@ -276,20 +358,22 @@ class AutoLDSGuide(AutoGuide):
         if encoded is not None:
             mean, var = encoded[name]
             return {"potential_mean": mean, "potential_var": var}
-        init_obs, init_root = self._init_potentials[name]
-        event_dim = self._lds_sites[name]["fn"].event_dim
-        obs_name, root_name = self.potential_param_names(name)
-        obs = numpyro.param(obs_name, init_obs, event_dim=event_dim)
-        root = numpyro.param(
-            root_name, init_root, event_dim=event_dim + init_root.ndim - init_obs.ndim
-        )
+        # Lazy initial values: computed (once) only where the parameters are not given.
+        values = []
+        for param_name in self.potential_param_names(name):
+            constraint = _SLOW_NONNEGATIVE if param_name.endswith("_root_diag") else _SLOW_REAL
+            values.append(
+                numpyro.param(
+                    param_name,
+                    lambda _, n=param_name: self._initial(name)[n],
+                    constraint=constraint,
+                    event_dim=self._event_dim(name, param_name),
+                )
+            )
+        obs, root = values[0], potential_root(*values[1:])
         if root.ndim == obs.ndim:  # diagonal
             root = root[..., :, None] * jnp.eye(root.shape[-1], dtype=root.dtype)
-        return {
-            "potential_mean": obs,
-            "potential_var": jnp.ones_like(obs),
-            "emission_matrix": root,
-        }
+        return {"potential_mean": obs, "potential_var": jnp.ones_like(obs), "emission_matrix": root}
 
     @staticmethod
     @contextmanager

@@ -39,7 +39,7 @@ class NaturalGradientSVI(SVI):
     curvature that is not negative semi-definite (a likelihood that is not log-concave,
     such as Student-t, or Monte Carlo noise) is projected: its directions of negative
     precision are set to zero precision by a modified Cholesky factorization
-    (:func:`numpyro_lds.conjugate.psd_root`), so every ``Λ_t`` stays positive
+    (:func:`numpyro_lds.conjugate.modified_ldl`), so every ``Λ_t`` stays positive
     semi-definite; :meth:`num_clipped` counts the steps where that happened.
 
     ``f`` must be a sum of factors each involving one time step of an LDS site (every
@@ -136,7 +136,7 @@ class NaturalGradientSVI(SVI):
             )
         unconstrained = self.optim.get_params(state.optim_state)
         names = self._potential_names()
-        potentials = {n: unconstrained[n] for n in names}
+        potentials = {n: v for n, v in self.constrain_fn(unconstrained).items() if n in names}
         others = {n: v for n, v in unconstrained.items() if n not in names}
         num_clipped = jnp.zeros((), jnp.int32)
         state_parts = (self.optim.init(others), potentials, num_clipped)
@@ -179,26 +179,26 @@ class NaturalGradientSVI(SVI):
         )
 
     def _natural_step(self, rng_key, params, potentials, args, kwargs):
+        guide = self.guide
         grads, hessians, trace, means = self._expected_curvature(rng_key, params, args, kwargs)
         new = dict(potentials)
         num_clipped = jnp.zeros((), jnp.int32)
-        for name in self.guide._lds_sites:
+        for name in guide._lds_sites:
             site = trace[name]
             scale = 1.0 if site["scale"] is None else site["scale"]
-            obs_name, root_name = self.guide.potential_param_names(name)
-            rows = _subsample_rows(site, trace, self.guide._prototype_frame_full_sizes)
-            event_dim = site["fn"].event_dim
-            root_event_dim = event_dim + potentials[root_name].ndim - potentials[obs_name].ndim
-            new_obs, new_root, clipped = natural_step(
-                _take_rows(potentials[obs_name], rows, event_dim),
-                _take_rows(potentials[root_name], rows, root_event_dim),
+            rows = _subsample_rows(site, trace, guide._prototype_frame_full_sizes)
+            names = guide.potential_param_names(name)
+            current = {n: _take_rows(potentials[n], rows, guide._event_dim(name, n)) for n in names}
+            h, lam, clipped = natural_step(
+                *guide.potential_information(name, current),
                 means[name],
                 grads[name] / scale,
                 hessians[name] / scale,
                 self.natural_step_size,
+                diagonal=guide.potential_form == "diagonal",
             )
-            new[obs_name] = _put_rows(potentials[obs_name], new_obs, rows, event_dim)
-            new[root_name] = _put_rows(potentials[root_name], new_root, rows, root_event_dim)
+            for n, v in guide.potential_params(name, h, lam).items():
+                new[n] = _put_rows(potentials[n], v, rows, guide._event_dim(name, n))
             num_clipped = num_clipped + jnp.sum(clipped, dtype=jnp.int32)
         return new, num_clipped
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 
 import reference as ref
@@ -89,3 +90,16 @@ def dense(dist):
             )
         out[idx] = (mean, cov, log_z)
     return out
+
+
+def guide_potentials(mean, var, form="full"):
+    """``AutoLDSGuide``'s free-potential parameters ``(obs, root)`` for ``N(mean; z, diag(var))``.
+
+    The potential ``exp(-½‖obs − root z‖²)`` with ``root = diag(var^{-1/2})`` and
+    ``obs = root mean``; ``form`` as the guide's ``potential_form``.
+    """
+    root = 1.0 / jnp.sqrt(jnp.asarray(var))
+    obs = root * jnp.asarray(mean)
+    if form == "full":
+        root = root[..., :, None] * jnp.eye(root.shape[-1], dtype=root.dtype)
+    return obs, root

@@ -15,7 +15,7 @@ import pytest
 from numpyro.infer import SVI, TraceMeanField_ELBO
 from numpyro.optim import Adam
 
-from helpers import random_prior
+from helpers import guide_potentials, random_prior
 from numpyro_lds import AutoLDSGuide, pareto_k, to_inference_data
 
 matplotlib.use("Agg")
@@ -34,7 +34,7 @@ def fit():
             z = numpyro.sample("z", prior)
             numpyro.sample("y", dist.Normal(z, sd).to_event(2), obs=y)
 
-    guide = AutoLDSGuide(model, init_scale=1.0)
+    guide = AutoLDSGuide(model)
     result = SVI(model, guide, Adam(0.03), TraceMeanField_ELBO()).run(
         jax.random.key(0), 300, y, progress_bar=False
     )
@@ -90,9 +90,11 @@ def test_pareto_k_is_small_at_the_exact_posterior_and_large_for_a_bad_guide():
         numpyro.sample("y", dist.Normal(z, 0.5).to_event(2), obs=y)
 
     guide = AutoLDSGuide(model)
-    exact = {"z_auto_potential_mean": y, "z_auto_potential_var": jnp.full((T, K), 0.25)}
+    obs, root = guide_potentials(y, jnp.full((T, K), 0.25))
+    exact = {"z_auto_potential_obs": obs, "z_auto_potential_root": root}
     k_exact = pareto_k(model, guide, exact, y, rng_key=jax.random.key(0), num_samples=500)
-    bad = {"z_auto_potential_mean": -y, "z_auto_potential_var": jnp.full((T, K), 0.01)}
+    obs, root = guide_potentials(-y, jnp.full((T, K), 0.01))
+    bad = {"z_auto_potential_obs": obs, "z_auto_potential_root": root}
     k_bad = pareto_k(model, guide, bad, y, rng_key=jax.random.key(0), num_samples=500)
     assert k_exact < 0.5
     assert k_bad > 0.7

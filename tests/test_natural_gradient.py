@@ -1,0 +1,321 @@
+"""Conjugate-computation steps: the potentials' algebra, the Newton start, NaturalGradientSVI.
+
+Float64 against the dense ``T·k``-dimensional Gaussian (``tests/reference.py``), and the
+non-conjugate fixed point against the closed-form ELBO of a Poisson LDS.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from numpyro.infer.svi import SVIRunResult
+from numpyro.optim import Adam
+
+import reference as ref
+from helpers import random_prior, spd
+from numpyro_lds import AutoLDSGuide, LDSPosterior, NaturalGradientSVI
+from numpyro_lds.conjugate import (
+    information_from_potential,
+    likelihood_curvature,
+    modified_ldl,
+    natural_step,
+    potential_from_information,
+)
+
+T, K, D = 5, 2, 3
+
+
+def _dense_posterior(prior, y, C, R, mask=None):
+    """Means ``[T, k]`` and marginal covariances ``[T, k, k]`` by plain linear algebra."""
+    m0, P0, A, b, Q = (np.asarray(x) for x in (
+        prior.initial_mean, prior.initial_cov, prior.transition_matrix,
+        prior.transition_offset, prior.transition_cov,
+    ))  # fmt: skip
+    mean, cov = ref.prior_joint(m0, P0, A, b, Q, T)
+    mask = np.ones(T, bool) if mask is None else np.asarray(mask)
+    Rs = np.broadcast_to(R, (T,) + R.shape)
+    Cs = np.broadcast_to(C, (T,) + C.shape)
+    mean, cov, log_z = ref.condition_joint(mean, cov, np.asarray(y), Rs, Cs, mask, K)
+    means, covs, _ = ref.blocks(mean, cov, T, K)
+    return means, covs, log_z
+
+
+def _gaussian_model(prior, C, R, mask=None):
+    def model(y):
+        z = numpyro.sample("z", prior)
+        likelihood = dist.MultivariateNormal(z @ C.T, R)
+        if mask is not None:
+            likelihood = likelihood.mask(mask)
+        numpyro.sample("y", likelihood.to_event(1), obs=y)
+
+    return model
+
+
+# --------------------------------------------------------------------------- algebra
+
+
+@pytest.mark.parametrize("rank", [3, 2, 0])
+def test_modified_ldl_reproduces_positive_semidefinite_matrices(rank):
+    rng = np.random.default_rng(rank)
+    a = rng.normal(size=(3, rank))
+    lam = a @ a.T
+    L, d = modified_ldl(jnp.asarray(lam))
+    np.testing.assert_array_equal(np.diag(np.asarray(L)), 1.0)
+    np.testing.assert_allclose(np.triu(np.asarray(L), 1), 0.0)
+    assert np.all(np.asarray(d) >= 0)
+    np.testing.assert_allclose(np.asarray(L) * np.asarray(d) @ np.asarray(L).T, lam, atol=1e-12)
+
+
+def test_modified_ldl_projects_an_indefinite_matrix_and_never_increases_it():
+    lam = np.array([[2.0, 1.0, 0.0], [1.0, -1.0, 0.5], [0.0, 0.5, 1.0]])
+    L, d = (np.asarray(x) for x in modified_ldl(jnp.asarray(lam)))
+    proj = L * d @ L.T
+    assert np.all(np.linalg.eigvalsh(proj) >= -1e-12)
+    assert d[1] == 0.0  # the negative pivot, set to zero with its column
+    np.testing.assert_allclose(proj[0, 0], 2.0)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_potentials_and_natural_parameters_round_trip(diagonal):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(T, K, K))
+    lam = np.einsum("tij,tkj->tik", a, a)
+    lam[2] = np.outer([1.0, 2.0], [1.0, 2.0])  # rank one: a direction of zero precision
+    lam[3] = 0.0  # no potential at this step
+    if diagonal:
+        lam = lam * np.eye(K)
+    h = np.einsum("tij,tj->ti", lam, rng.normal(size=(T, K)))  # on the range of Λ
+    params = potential_from_information(jnp.asarray(h), jnp.asarray(lam), diagonal=diagonal)
+    h2, lam2 = information_from_potential(*params)
+    np.testing.assert_allclose(lam2, lam, atol=1e-12)
+    np.testing.assert_allclose(h2, h, atol=1e-12)
+
+
+def test_likelihood_curvature_gives_the_hessian_blocks():
+    rng = np.random.default_rng(1)
+    C = jnp.asarray(rng.normal(size=(4, K)))
+    y = jnp.asarray(rng.poisson(2.0, size=(2, T, 4)).astype(float))
+
+    def fn(values):
+        rate = jnp.exp(values["z"] @ C.T)
+        return jnp.sum(y * jnp.log(rate) - rate)
+
+    z = {"z": jnp.asarray(0.3 * rng.normal(size=(2, T, K)))}
+    grads, hessians = likelihood_curvature(fn, z)
+    dense = jax.hessian(lambda v: fn({"z": v.reshape(2, T, K)}))(z["z"].ravel())
+    dense = np.asarray(dense).reshape(2, T, K, 2, T, K)
+    for b in range(2):
+        for t in range(T):
+            np.testing.assert_allclose(hessians["z"][b, t], dense[b, t, :, b, t, :], rtol=1e-12)
+    np.testing.assert_allclose(grads["z"], jax.grad(fn)(z)["z"], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- Gaussian likelihoods
+
+
+@pytest.mark.parametrize("form", ["full", "diagonal"])
+def test_newton_start_is_the_exact_posterior_with_zero_precision_directions(form):
+    """Positions observed, velocities not (``C = [1, 0]``): the likelihood's precision is
+    singular, and the default start holds it exactly."""
+    prior = random_prior(np.random.default_rng(0), K, T)
+    C = np.array([[1.0, 0.0]])
+    R = np.array([[0.3]])
+    y = np.random.default_rng(1).normal(size=(T, 1))
+    model = _gaussian_model(prior, jnp.asarray(C), jnp.asarray(R))
+    guide = AutoLDSGuide(model, potential_form=form)
+    svi = SVI(model, guide, Adam(0.01), TraceMeanField_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0), jnp.asarray(y)))
+    np.testing.assert_array_equal(params["z_auto_potential_root_diag"][:, 1], 0.0)
+    q = guide.get_posteriors(params, jnp.asarray(y))["z"]
+    means, covs, _ = _dense_posterior(prior, y, C, R)
+    np.testing.assert_allclose(q.mean, means, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(q.marginal_covariance, covs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["full", "diagonal"])
+def test_one_natural_step_is_the_exact_posterior_from_any_start(form):
+    """A 3-dimensional observation mixing both states, a masked step, data far from the
+    prior (in its own units): one step at β = 1 from weak potentials gives the exact
+    smoother; with ``"diagonal"`` potentials the likelihood's coupling is out of reach, so
+    that case observes each state alone."""
+    rng = np.random.default_rng(2)
+    prior = random_prior(rng, K, T)
+    C = rng.normal(size=(D, K)) if form == "full" else np.eye(K)
+    d = C.shape[0]
+    R = spd(rng, (), d, 0.3) if form == "full" else np.diag([0.2, 0.5])
+    y = 300.0 + 50.0 * rng.normal(size=(T, d))
+    mask = np.array([True, True, False, True, True])
+    model = _gaussian_model(prior, jnp.asarray(C), jnp.asarray(R), jnp.asarray(mask))
+    guide = AutoLDSGuide(model, potential_form=form, init_potentials="prior")
+    svi = NaturalGradientSVI(model, guide, Adam(0.01), TraceMeanField_ELBO())
+    result = svi.run(jax.random.key(0), 1, jnp.asarray(y), progress_bar=False)
+    assert isinstance(result, SVIRunResult) and result.losses.shape == (1,)
+    q = guide.get_posteriors(result.params, jnp.asarray(y))["z"]
+    means, covs, log_z = _dense_posterior(prior, y, C, R, mask)
+    np.testing.assert_allclose(q.mean, means, rtol=1e-9)
+    np.testing.assert_allclose(q.marginal_covariance, covs, rtol=1e-8, atol=1e-12)
+    # The loss is the ELBO's: at the exact posterior its expectation is -log p(y).
+    params = result.params
+    losses = [
+        float(TraceMeanField_ELBO().loss(jax.random.key(s), params, model, guide, jnp.asarray(y)))
+        for s in range(64)
+    ]
+    assert abs(np.mean(losses) + log_z) < 4 * np.std(losses) / 8 + 1e-8
+
+
+def test_plate_subsample_and_learned_parameter():
+    """Four sequences in a plate subsampled two at a time: each step updates its rows only;
+    the ELBO's gradient then fits the observation noise, which converges to the maximum of
+    the exact log-likelihood (``log_normalizer``)."""
+    rng = np.random.default_rng(3)
+    prior = random_prior(rng, K, T, time_varying=False)
+    n = 4
+    y = jnp.asarray(rng.normal(size=(n, T, K)))
+
+    def model(y, batch=None):
+        sd = numpyro.param("obs_sd", 1.0, constraint=dist.constraints.positive)
+        with numpyro.plate("seq", n, subsample_size=batch):
+            z = numpyro.sample("z", prior)
+            y_b = numpyro.subsample(y, event_dim=2)
+            numpyro.sample("y", dist.Normal(z, sd).to_event(2), obs=y_b)
+
+    def plates(y, batch=None):
+        return numpyro.plate("seq", n, subsample_size=batch)
+
+    guide = AutoLDSGuide(
+        model, potential_form="full", init_potentials="prior", create_plates=plates
+    )
+    svi = NaturalGradientSVI(model, guide, Adam(0.05), TraceMeanField_ELBO())
+    state = svi.init(jax.random.key(0), y, 2)
+    before = svi.get_params(state)
+    state, _ = svi.update(state, y, 2)
+    after = svi.get_params(state)
+    changed = np.any(
+        np.asarray(after["z_auto_potential_obs"] != before["z_auto_potential_obs"]), axis=(1, 2)
+    )
+    assert changed.sum() == 2
+    result = svi.run(jax.random.key(1), 300, y, 2, progress_bar=False)
+
+    def log_lik(sd):
+        q = LDSPosterior(prior.expand((n,)), y, potential_var=jnp.full((n, T, K), sd**2))
+        return jnp.sum(q.log_normalizer)
+
+    sds = jnp.exp(jnp.linspace(-2.0, 3.0, 2000))
+    best = sds[jnp.argmax(jax.vmap(log_lik)(sds))]
+    np.testing.assert_allclose(result.params["obs_sd"], best, rtol=0.05)
+    # A step on the whole batch: the potentials of the noise level it starts from.
+    sd = result.params["obs_sd"]
+    state, _ = svi.update(result.state, y, None)
+    q = guide.get_posteriors(svi.get_params(state), y)["z"]
+    exact = LDSPosterior(prior.expand((n,)), y, potential_var=jnp.full((n, T, K), sd**2))
+    np.testing.assert_allclose(q.mean, exact.mean, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------- non-conjugate
+
+
+def _poisson_elbo(prior, C, y, q):
+    """The closed-form ELBO of a Poisson LDS with log link: ``E exp(c·z) = exp(c·m + cᵀSc/2)``."""
+    m, S = q.mean, q.marginal_covariance
+    log_rate = m @ C.T + 0.5 * jnp.einsum("dk,tkl,dl->td", C, S, C)
+    expected = jnp.sum(y * (m @ C.T) - jnp.exp(log_rate))
+    return expected - q.kl_to_prior()
+
+
+def test_exact_expectation_steps_reach_a_stationary_point_of_the_poisson_elbo():
+    """Conjugate-computation steps with the exact expectations converge to a point where the
+    closed-form ELBO's gradient with respect to the potentials is zero."""
+    rng = np.random.default_rng(4)
+    prior = random_prior(rng, K, T, offset=False)
+    C = jnp.asarray(0.5 * rng.normal(size=(D, K)))
+    y = jnp.asarray(rng.poisson(1.5, size=(T, D)).astype(float))
+    h = jnp.zeros((T, K))
+    lam = jnp.zeros((T, K, K))
+
+    def posterior(h, lam):
+        params = potential_from_information(h, lam)
+        from numpyro_lds.conjugate import potential_root
+
+        root = potential_root(*params[1:])
+        return LDSPosterior(
+            prior, params[0], potential_var=jnp.ones((T, K)), emission_matrix=root
+        )
+
+    for _ in range(40):
+        q = posterior(h, lam)
+        m, S = q.mean, q.marginal_covariance
+        rate = jnp.exp(m @ C.T + 0.5 * jnp.einsum("dk,tkl,dl->td", C, S, C))
+        grad = (y - rate) @ C
+        hess = -jnp.einsum("td,dk,dl->tkl", rate, C, C)
+        h, lam, clipped = natural_step(h, lam, m, grad, hess, 0.7)
+        assert not np.any(clipped)
+    g_h, g_lam = jax.grad(lambda h, lam: _poisson_elbo(prior, C, y, posterior(h, lam)), (0, 1))(
+        h, lam
+    )
+    assert float(jnp.max(jnp.abs(g_h))) < 1e-8
+    assert float(jnp.max(jnp.abs(g_lam + jnp.swapaxes(g_lam, -1, -2)))) < 1e-8
+
+
+def test_natural_gradient_svi_improves_a_poisson_lds_beyond_adam():
+    """Monte Carlo steps on a Poisson LDS, β = 0.5: the closed-form ELBO after 30 steps is
+    above that of 300 Adam steps from the same default start."""
+    rng = np.random.default_rng(5)
+    prior = random_prior(rng, K, 20, offset=False)
+    C = jnp.asarray(0.7 * rng.normal(size=(6, K)))
+    y = jnp.asarray(rng.poisson(2.0, size=(20, 6)).astype(float))
+
+    def model(y):
+        z = numpyro.sample("z", prior)
+        numpyro.sample("y", dist.Poisson(jnp.exp(z @ C.T)).to_event(2), obs=y)
+
+    def fitted_elbo(svi, guide, steps):
+        result = svi.run(jax.random.key(0), steps, y, progress_bar=False)
+        return float(_poisson_elbo(prior, C, y, guide.get_posteriors(result.params, y)["z"]))
+
+    guide = AutoLDSGuide(model)
+    natural = NaturalGradientSVI(
+        model, guide, Adam(0.01), TraceMeanField_ELBO(), natural_step_size=0.5,
+        curvature_samples=4,
+    )  # fmt: skip
+    elbo_natural = fitted_elbo(natural, guide, 30)
+    adam_guide = AutoLDSGuide(model)
+    adam = SVI(model, adam_guide, Adam(0.02), TraceMeanField_ELBO())
+    elbo_adam = fitted_elbo(adam, adam_guide, 300)
+    start = SVI(model, AutoLDSGuide(model), Adam(0.0), TraceMeanField_ELBO())
+    elbo_start = fitted_elbo(start, start.guide, 1)
+    assert elbo_natural > elbo_adam > elbo_start - 1.0
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_errors_name_what_is_wrong():
+    prior = random_prior(np.random.default_rng(0), K, T)
+
+    def model(y):
+        z = numpyro.sample("z", prior)
+        numpyro.sample("y", dist.Normal(z, 1.0).to_event(2), obs=y)
+
+    with pytest.raises(TypeError, match="AutoLDSGuide"):
+        NaturalGradientSVI(model, numpyro.infer.autoguide.AutoNormal(model), Adam(0.1), Trace_ELBO())
+    encoded = AutoLDSGuide(model, encoder=lambda y: {"z": (y, jnp.ones_like(y))})
+    with pytest.raises(ValueError, match="encoder"):
+        NaturalGradientSVI(model, encoded, Adam(0.1), Trace_ELBO())
+    with pytest.raises(ValueError, match="natural_step_size"):
+        NaturalGradientSVI(model, AutoLDSGuide(model), Adam(0.1), Trace_ELBO(), natural_step_size=2)
+    with pytest.raises(ValueError, match="potential_form"):
+        AutoLDSGuide(model, potential_form="dense")
+    with pytest.raises(ValueError, match="init_potentials"):
+        AutoLDSGuide(model, init_potentials="zeros")
+
+    def no_lds(y):
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    svi = NaturalGradientSVI(no_lds, AutoLDSGuide(no_lds), Adam(0.1), Trace_ELBO())
+    with pytest.raises(ValueError, match="LinearGaussianStateSpace"):
+        svi.init(jax.random.key(0), jnp.zeros((T, K)))
