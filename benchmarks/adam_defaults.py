@@ -44,7 +44,10 @@ def dynamics(name):
         dt = 0.1
         A = np.block([[np.eye(2), dt * np.eye(2)], [np.zeros((2, 2)), np.eye(2)]])
         Q = 0.1 * np.block(
-            [[dt**3 / 3 * np.eye(2), dt**2 / 2 * np.eye(2)], [dt**2 / 2 * np.eye(2), dt * np.eye(2)]]
+            [
+                [dt**3 / 3 * np.eye(2), dt**2 / 2 * np.eye(2)],
+                [dt**2 / 2 * np.eye(2), dt * np.eye(2)],
+            ]
         )
         return A, Q, np.hstack([np.eye(2), np.zeros((2, 2))])
     raise ValueError(name)

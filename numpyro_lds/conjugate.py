@@ -118,7 +118,9 @@ def potential_from_information(information, precision, diagonal=False):
         k = precision.shape[-1]
         w = []  # L w = h: forward substitution with the unit lower L
         for i in range(k):
-            w.append(information[..., i] - sum((unit_lower[..., i, p] * w[p] for p in range(i)), 0.0))
+            w.append(
+                information[..., i] - sum((unit_lower[..., i, p] * w[p] for p in range(i)), 0.0)
+            )
         w = jnp.stack(w, -1)
     keep = pivots > 0
     root_diag = jnp.sqrt(pivots)

@@ -12,12 +12,12 @@ from jax import random
 from jax.scipy.special import ndtri
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.distributions.transforms import AffineTransform, ComposeTransform, biject_to
 from numpyro.distributions.distribution import (
     ExpandedDistribution,
     Independent,
     MaskedDistribution,
 )
+from numpyro.distributions.transforms import AffineTransform, ComposeTransform, biject_to
 from numpyro.distributions.util import periodic_repeat
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
 from numpyro.infer.initialization import init_to_median
@@ -195,9 +195,7 @@ class AutoLDSGuide(AutoGuide):
         prefix="auto",
     ):
         if potential_form not in ("full", "diagonal"):
-            raise ValueError(
-                f"potential_form must be 'full' or 'diagonal', got {potential_form!r}"
-            )
+            raise ValueError(f"potential_form must be 'full' or 'diagonal', got {potential_form!r}")
         if init_potentials not in ("newton", "prior"):
             raise ValueError(
                 f"init_potentials must be 'newton' or 'prior', got {init_potentials!r}"
@@ -277,7 +275,9 @@ class AutoLDSGuide(AutoGuide):
         diagonal = self.potential_form == "diagonal"
         natural = {}
         for name, z in z0.items():
-            precision = jnp.broadcast_to(jnp.eye(z.shape[-1], dtype=z.dtype), z.shape + z.shape[-1:])
+            precision = jnp.broadcast_to(
+                jnp.eye(z.shape[-1], dtype=z.dtype), z.shape + z.shape[-1:]
+            )
             natural[name] = (z / self._init_scale**2, precision / self._init_scale**2)
         if self.init_potentials == "newton":
             params = {
@@ -329,9 +329,11 @@ class AutoLDSGuide(AutoGuide):
         """``{param name: value}`` of site ``name``'s potentials with natural parameters
         ``(h, Λ)`` (``Λ`` projected onto the positive semi-definite matrices)."""
         diagonal = self.potential_form == "diagonal"
-        values = potential_from_information(information, precision, diagonal=diagonal)
-        names = self.potential_param_names(name)
-        return dict(zip(names, values[: len(names)]))
+        obs, root_diag, root_upper = potential_from_information(
+            information, precision, diagonal=diagonal
+        )
+        values = (obs, root_diag) if diagonal else (obs, root_diag, root_upper)
+        return dict(zip(self.potential_param_names(name), values, strict=True))
 
     def potential_information(self, name, params):
         """Natural parameters ``(h, Λ)`` of site ``name``'s potentials in ``params``."""

@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = [
     ("quickstart.py", ["--num-steps", "20"]),
+    ("quickstart.py", ["--num-steps", "20", "--optimizer", "adam"]),
+    (
+        "poisson_lds.py",
+        ["--latent-dim", "2", "--num-neurons", "5", "--num-bins", "30", "--num-steps", "5"],
+    ),
     (
         "lds_tracking.py",
         ["--num-timesteps", "15", "--num-steps", "20", "--nuts-timesteps", "5"]
@@ -27,7 +32,7 @@ EXAMPLES = [
 
 
 @pytest.mark.parametrize(
-    "script,args", EXAMPLES, ids=[e[0] + ("-mc-kl" if "--mc-kl" in e[1] else "") for e in EXAMPLES]
+    "script,args", EXAMPLES, ids=[e[0] + "-" + "-".join(e[1][-2:]) for e in EXAMPLES]
 )
 def test_example_runs(script, args, tmp_path):
     out = tmp_path / "figure.png"

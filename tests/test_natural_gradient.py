@@ -242,9 +242,7 @@ def test_exact_expectation_steps_reach_a_stationary_point_of_the_poisson_elbo():
         from numpyro_lds.conjugate import potential_root
 
         root = potential_root(*params[1:])
-        return LDSPosterior(
-            prior, params[0], potential_var=jnp.ones((T, K)), emission_matrix=root
-        )
+        return LDSPosterior(prior, params[0], potential_var=jnp.ones((T, K)), emission_matrix=root)
 
     for _ in range(40):
         q = posterior(h, lam)
@@ -302,7 +300,9 @@ def test_errors_name_what_is_wrong():
         numpyro.sample("y", dist.Normal(z, 1.0).to_event(2), obs=y)
 
     with pytest.raises(TypeError, match="AutoLDSGuide"):
-        NaturalGradientSVI(model, numpyro.infer.autoguide.AutoNormal(model), Adam(0.1), Trace_ELBO())
+        NaturalGradientSVI(
+            model, numpyro.infer.autoguide.AutoNormal(model), Adam(0.1), Trace_ELBO()
+        )
     encoded = AutoLDSGuide(model, encoder=lambda y: {"z": (y, jnp.ones_like(y))})
     with pytest.raises(ValueError, match="encoder"):
         NaturalGradientSVI(model, encoded, Adam(0.1), Trace_ELBO())
