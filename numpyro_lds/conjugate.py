@@ -24,7 +24,7 @@ mean parameters: with ``g_t = E_q[∇_{z_t} f]`` and ``H_t = E_q[∇²_{z_t} f]`
     h_t \leftarrow (1-\beta) h_t + \beta\,(g_t + [-H_t]_+\, m_t),
 
 where ``[·]_+`` is the positive semi-definite part taken by :func:`modified_ldl` and ``m_t``
-the marginal mean (``docs/derivation.md``, section 9).
+the marginal mean (``docs/derivation.md``, section 10).
 """
 
 from __future__ import annotations

@@ -108,14 +108,31 @@ class AutoLDSGuide(AutoGuide):
 
     .. math::
 
-        q(z) \propto p_\theta(z) \prod_t \mathcal N(\mathrm{potential\_mean}_t;\ z_t,\
-        \mathrm{diag}(\mathrm{potential\_var}_t)).
+        q(z) \propto p_\theta(z) \prod_t \exp\big(-\tfrac12
+        \lVert y_t - G_t z_t \rVert^2\big),\qquad
+        G_t = \mathrm{diag}(\mathrm{root\_diag}_t)\,(I + U_t),
 
-    The potentials are free parameters (``{site}_{prefix}_potential_mean`` and
-    ``_potential_var``) or, with ``encoder``, an encoder's outputs (the amortized structured
-    VAE of Johnson et al. 2016). Other latent sites get an :class:`~numpyro.infer.autoguide.
+    with ``y = {site}_{prefix}_potential_obs``, ``root_diag = _potential_root_diag`` and, for
+    ``potential_form="full"``, ``U`` the strict upper triangle of ``_potential_root_upper``
+    (:meth:`potential_param_names`): potentials of precision ``GᵀG``, any positive
+    semi-definite matrix (zero where the likelihood says nothing, such as a tracking
+    model's velocities). With ``encoder`` the potentials are an encoder's outputs
+    ``N(mean_t; z_t, diag(var_t))`` instead (the amortized structured VAE of Johnson et al.
+    2016). Other latent sites get an :class:`~numpyro.infer.autoguide.
     AutoNormal`. With ``TraceMeanField_ELBO`` the LDS sites use the exact KL. When the model
     is linear-Gaussian with fixed dynamics, the optimum of this guide is the exact posterior.
+
+    The free potentials start at one Newton step of the likelihood from the prior median
+    (``init_potentials="newton"``): for a Gaussian likelihood, the exact posterior at the
+    model's initial parameter values, in the data's own units. :class:`~numpyro_lds.
+    NaturalGradientSVI` then moves them by conjugate-computation steps (exact in one step
+    for a Gaussian likelihood). With plain ``SVI``, a first-order optimizer's steps on them
+    are scaled down (rates 10 and 30: ``Adam(0.02)`` moves ``y`` by about 0.002 and
+    ``root_diag`` by about 0.07% a step), so that one-sample gradient noise does not
+    scatter a fit that starts at the optimum; the price is that Adam moves them slowly
+    where their optimum moves far, as when an observation noise level is learned, or under
+    a subsampled plate (whose Newton start sees only the prototype's minibatch, repeated
+    over the plate): use ``NaturalGradientSVI`` there.
 
     Sequences of different lengths are batched by padding them to a common ``T``: the
     model masks the likelihood of the padded steps, and ``potential_mask`` removes the
@@ -149,12 +166,16 @@ class AutoLDSGuide(AutoGuide):
       create_plates: optional callable ``create_plates(*args, **kwargs)`` returning the
         guide's ``numpyro.plate``\ s (one or a list), as for NumPyro's autoguides: for
         subsampling, a plate whose ``subsample_size`` comes from the model's arguments.
-      init_loc_fn: initialization strategy (as for NumPyro's autoguides): the initial
-        potential means at LDS sites and the initial locations of other sites. The default,
-        ``init_to_median``, starts the potentials at the prior's median trajectory;
-        ``init_to_value(values={site: z0})`` starts them at ``z0``.
-      init_scale: initial standard deviation of the free potentials; large values start the
-        guide near the prior. The ``AutoNormal`` for other sites uses at most 0.1.
+      potential_form: ``"diagonal"`` (``G_t`` diagonal) or ``"full"`` (a ``k × k``
+        precision: needed for the structured optimum when the likelihood couples the state
+        components, as an emission matrix that mixes them does).
+      init_potentials: ``"newton"`` (above) or ``"prior"``: weak potentials of standard
+        deviation ``init_scale`` at the point ``init_loc_fn`` gives.
+      init_loc_fn: initialization strategy (as for NumPyro's autoguides): where the Newton
+        step starts (or the ``"prior"`` potentials' centre) at LDS sites, and the initial
+        locations of other sites. The default is ``init_to_median``.
+      init_scale: standard deviation of the ``"prior"`` potentials. The ``AutoNormal`` for
+        other sites uses at most 0.1.
       prefix: prefix of the guide's parameter names.
 
     Raises:

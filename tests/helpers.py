@@ -92,14 +92,18 @@ def dense(dist):
     return out
 
 
-def guide_potentials(mean, var, form="full"):
-    """``AutoLDSGuide``'s free-potential parameters ``(obs, root)`` for ``N(mean; z, diag(var))``.
+def guide_potentials(mean, var, site="z", form="diagonal"):
+    """``AutoLDSGuide``'s free-potential parameters for ``N(mean; z, diag(var))`` at ``site``.
 
-    The potential ``exp(-½‖obs − root z‖²)`` with ``root = diag(var^{-1/2})`` and
-    ``obs = root mean``; ``form`` as the guide's ``potential_form``.
+    The potential ``exp(-½‖obs − G z‖²)`` with ``G = diag(var^{-1/2})`` and ``obs = G mean``;
+    ``form`` as the guide's ``potential_form``.
     """
-    root = 1.0 / jnp.sqrt(jnp.asarray(var))
-    obs = root * jnp.asarray(mean)
+    root_diag = 1.0 / jnp.sqrt(jnp.asarray(var))
+    params = {
+        f"{site}_auto_potential_obs": root_diag * jnp.asarray(mean),
+        f"{site}_auto_potential_root_diag": root_diag,
+    }
     if form == "full":
-        root = root[..., :, None] * jnp.eye(root.shape[-1], dtype=root.dtype)
-    return obs, root
+        k = root_diag.shape[-1]
+        params[f"{site}_auto_potential_root_upper"] = jnp.zeros(root_diag.shape + (k,))
+    return params

@@ -90,11 +90,9 @@ def test_pareto_k_is_small_at_the_exact_posterior_and_large_for_a_bad_guide():
         numpyro.sample("y", dist.Normal(z, 0.5).to_event(2), obs=y)
 
     guide = AutoLDSGuide(model)
-    obs, root = guide_potentials(y, jnp.full((T, K), 0.25))
-    exact = {"z_auto_potential_obs": obs, "z_auto_potential_root": root}
+    exact = guide_potentials(y, jnp.full((T, K), 0.25))
     k_exact = pareto_k(model, guide, exact, y, rng_key=jax.random.key(0), num_samples=500)
-    obs, root = guide_potentials(-y, jnp.full((T, K), 0.01))
-    bad = {"z_auto_potential_obs": obs, "z_auto_potential_root": root}
+    bad = guide_potentials(-y, jnp.full((T, K), 0.01))
     k_bad = pareto_k(model, guide, bad, y, rng_key=jax.random.key(0), num_samples=500)
     assert k_exact < 0.5
     assert k_bad > 0.7

@@ -25,6 +25,7 @@ from numpyro_lds.conjugate import (
     modified_ldl,
     natural_step,
     potential_from_information,
+    potential_root,
 )
 
 T, K, D = 5, 2, 3
@@ -239,8 +240,6 @@ def test_exact_expectation_steps_reach_a_stationary_point_of_the_poisson_elbo():
 
     def posterior(h, lam):
         params = potential_from_information(h, lam)
-        from numpyro_lds.conjugate import potential_root
-
         root = potential_root(*params[1:])
         return LDSPosterior(prior, params[0], potential_var=jnp.ones((T, K)), emission_matrix=root)
 
