@@ -77,16 +77,17 @@ class NaturalGradientSVI(SVI):
       >>> import jax, jax.numpy as jnp, numpyro, numpyro.distributions as dist
       >>> from numpyro.infer import TraceMeanField_ELBO
       >>> from numpyro_lds import AutoLDSGuide, LinearGaussianStateSpace, NaturalGradientSVI
+      >>> counts = jnp.array([[0.0], [2.0], [5.0], [3.0]])  # Poisson counts, log link
       >>> def model(y):
-      ...     prior = LinearGaussianStateSpace(
-      ...         jnp.zeros(1), jnp.eye(1), jnp.eye(1), 0.1 * jnp.eye(1), num_steps=y.shape[0])
-      ...     z = numpyro.sample("z", prior)
-      ...     numpyro.sample("y", dist.Normal(z, 0.5).to_event(2), obs=y)
-      >>> guide = AutoLDSGuide(model)
-      >>> svi = NaturalGradientSVI(model, guide, numpyro.optim.Adam(0.05), TraceMeanField_ELBO())
-      >>> result = svi.run(jax.random.key(0), 1, jnp.ones((20, 1)), progress_bar=False)
-      >>> guide.median(result.params, jnp.ones((20, 1)))["z"].shape
-      (20, 1)
+      ...     lds = LinearGaussianStateSpace(jnp.zeros(1), jnp.eye(1), jnp.eye(1),
+      ...                                    0.1 * jnp.eye(1), num_steps=len(y))
+      ...     numpyro.sample("y", dist.Poisson(jnp.exp(numpyro.sample("z", lds))).to_event(2),
+      ...                    obs=y)
+      >>> svi = NaturalGradientSVI(model, AutoLDSGuide(model), numpyro.optim.Adam(0.01),
+      ...                          TraceMeanField_ELBO(), natural_step_size=0.5)
+      >>> result = svi.run(jax.random.key(0), 20, counts, progress_bar=False)
+      >>> result.losses.shape, int(svi.num_clipped(result.state))
+      ((20,), 0)
     """
 
     def __init__(
