@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = [
     ("quickstart.py", ["--num-steps", "20"]),
-    ("quickstart.py", ["--num-steps", "20", "--optimizer", "adam"]),
     (
         "poisson_lds.py",
         ["--latent-dim", "2", "--num-neurons", "5", "--num-bins", "30", "--num-steps", "5"],
