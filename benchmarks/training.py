@@ -15,8 +15,8 @@ rate of a grid (the comparison takes each method's best), and NumPyro's
 ``AutoMultivariateNormal`` (``Trace_ELBO``) where its ``T·k`` dimensions fit (tracking,
 nile). Every run is compiled once (its compile time
 is reported apart), then timed in chunks of steps; a chunk's mean loss is its ELBO. The
-target of a problem is fixed before any timing is read: the best final ELBO of all runs
-less 1% of its improvement over the common start.
+target of a problem is fixed before any timing is read: the best final ELBO of the
+structured guide's runs less 1% of its improvement over their start.
 
     python benchmarks/training.py [--problems tracking nile poisson]
 
@@ -160,8 +160,10 @@ def main(args):
         "",
         "`python benchmarks/training.py` (this project's 2-core CPU, float32, one process; "
         f"chunks of {args.chunk} steps, a chunk's mean loss as its ELBO). Target: the best "
-        "final ELBO of all runs less 1% of its improvement over the start. Times exclude "
-        "compilation (column `compile`). `-`: the target was not reached.",
+        "final ELBO less 1% of its improvement over the start. Times exclude "
+        "compilation (column `compile`). `-`: the target was not reached. The target and the "
+        "start come from the structured guide's runs (AutoMultivariateNormal's diverged at "
+        "some rates: its Trace_ELBO at a singular covariance).",
         "",
     ]
     fig, axes = plt.subplots(1, len(args.problems), figsize=(5.5 * len(args.problems), 4))
@@ -172,8 +174,11 @@ def main(args):
         for label, (svi, steps) in methods(problem, model, args).items():
             runs[label] = timed_run(svi, steps, data, args.chunk)
             print(f"{problem}: {label}: final ELBO {runs[label][0][-1]:.1f}", flush=True)
-        start = np.median([r[0][0] for r in runs.values()])
-        best = max(np.max(r[0][-3:]) for r in runs.values())
+        # The target comes from the structured guide's runs: a diverged AutoMultivariateNormal
+        # run's loss can reach -1e25 (its Trace_ELBO at a singular covariance).
+        ours = [r for label, r in runs.items() if not label.startswith("AutoMultivariate")]
+        start = np.median([r[0][0] for r in ours])
+        best = max(np.max(r[0][-3:]) for r in ours)
         target = best - 0.01 * (best - start)
         rows = []
         for label, (elbos, seconds, compile_s) in runs.items():

@@ -68,7 +68,6 @@ def test_optimum_is_the_exact_kalman_smoother():
     )
     q = guide.get_posteriors(params, y_obs, valid, None)["z"]
     np.testing.assert_array_equal(q.potential_mask, valid)
-    sd = np.sqrt(exact.variance)
     np.testing.assert_allclose(q.mean, exact.mean, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(q.variance, exact.variance, rtol=1e-9)
     # Masked steps have no likelihood: zero precision there.
