@@ -186,12 +186,12 @@ def main(args):
             steps = (hit[0] + 1) * args.chunk if hit.size else None
             wall = seconds[hit[0]] if hit.size else None
             rows.append((label, steps, wall, compile_s, elbos[-1], seconds[-1] / len(elbos)))
-            ax.plot(seconds, elbos, label=label, lw=1)
+            ax.plot(seconds, np.where(np.isfinite(elbos), elbos, np.nan), label=label, lw=1)
         ax.axhline(target, color="k", ls=":", lw=1, label="target")
         ax.set_xscale("log")
-        ax.set_ylim(
-            target - 3 * abs(best - target) - 0.02 * abs(best - start), best + abs(best - target)
-        )
+        low = target - 3 * abs(best - target) - 0.02 * abs(best - start)
+        if np.isfinite(low) and np.isfinite(best):
+            ax.set_ylim(low, best + abs(best - target))
         ax.set_xlabel("wall-clock, compile excluded (s)")
         ax.set_ylabel("ELBO (nats)")
         ax.set_title(problem)
@@ -223,12 +223,13 @@ def main(args):
         elif natural:
             report += ["", "No Adam run with the exact KL reached the target."]
         report.append("")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(RESULTS, exist_ok=True)
-    fig.savefig(os.path.join(RESULTS, args.name + ".png"), dpi=100)
-    with open(os.path.join(RESULTS, args.name + ".md"), "w") as f:
-        f.write("\n".join(report))
+        # written after every problem, so that a later failure keeps the earlier results
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        os.makedirs(RESULTS, exist_ok=True)
+        fig.savefig(os.path.join(RESULTS, args.name + ".png"), dpi=100)
+        with open(os.path.join(RESULTS, args.name + ".md"), "w") as f:
+            f.write("\n".join(report))
     print("\n".join(report))
 
 

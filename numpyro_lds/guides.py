@@ -124,7 +124,10 @@ class AutoLDSGuide(AutoGuide):
 
     The free potentials start at one Newton step of the likelihood from the prior median
     (``init_potentials="newton"``): for a Gaussian likelihood, the exact posterior at the
-    model's initial parameter values, in the data's own units. :class:`~numpyro_lds.
+    model's initial parameter values, in the data's own units. A site whose likelihood is
+    not quadratic (its curvature changes one unit away: Poisson, Bernoulli, a decoder)
+    starts at the ``"prior"`` potentials instead, since a Newton step from a poor start on
+    an exponential rate can overshoot by orders of magnitude. :class:`~numpyro_lds.
     NaturalGradientSVI` then moves them by conjugate-computation steps (exact in one step
     for a Gaussian likelihood). With plain ``SVI``, a first-order optimizer's steps on them
     are scaled down (rates 10 and 30: ``Adam(0.02)`` moves ``y`` by about 0.002 and
@@ -170,7 +173,8 @@ class AutoLDSGuide(AutoGuide):
         precision: needed for the structured optimum when the likelihood couples the state
         components, as an emission matrix that mixes them does).
       init_potentials: ``"newton"`` (above) or ``"prior"``: weak potentials of standard
-        deviation ``init_scale`` at the point ``init_loc_fn`` gives.
+        deviation ``init_scale`` at the point ``init_loc_fn`` gives. Must be concrete
+        values at set-up (the Newton start checks its likelihood's curvature there).
       init_loc_fn: initialization strategy (as for NumPyro's autoguides): where the Newton
         step starts (or the ``"prior"`` potentials' centre) at LDS sites, and the initial
         locations of other sites. The default is ``init_to_median``.
@@ -309,7 +313,15 @@ class AutoLDSGuide(AutoGuide):
             }
             fn = self.log_likelihood_fn(self.prototype_trace, params, *args, **kwargs)
             grads, hessians = likelihood_curvature(fn, z0)
+            # A Newton step is exact for a quadratic log-likelihood only: from a poor start
+            # on any other (an exponential rate) it can overshoot by orders of magnitude.
+            # The curvature one unit away tells them apart; where it differs, the
+            # potentials stay at the "prior" start.
+            _, shifted = likelihood_curvature(fn, {n: z + 1.0 for n, z in z0.items()})
             for name, z in z0.items():
+                quadratic = bool(jnp.allclose(shifted[name], hessians[name], rtol=1e-4, atol=1e-6))
+                if not quadratic:
+                    continue
                 scale = self._lds_sites[name]["scale"]
                 scale = 1.0 if scale is None else scale
                 h, lam, _ = natural_step(
