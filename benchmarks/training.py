@@ -177,12 +177,18 @@ def main(args):
         # The target comes from the structured guide's runs: a diverged AutoMultivariateNormal
         # run's loss can reach -1e25 (its Trace_ELBO at a singular covariance).
         ours = [r for label, r in runs.items() if not label.startswith("AutoMultivariate")]
-        start = np.median([r[0][0] for r in ours])
-        best = max(np.max(r[0][-3:]) for r in ours)
+        start = np.nanmedian([r[0][0] for r in ours])
+        best = max(np.nanmax(r[0][-3:]) for r in ours)
         target = best - 0.01 * (best - start)
         rows = []
         for label, (elbos, seconds, compile_s) in runs.items():
-            hit = np.nonzero(elbos >= target)[0]
+            # a run whose ELBO leaves the range of the structured runs has diverged
+            diverged = bool(np.nanmax(elbos) > best + abs(best - start))
+            hit = np.nonzero(elbos >= target)[0] if not diverged else np.array([], int)
+            if diverged:
+                label += " (diverged)"
+            if np.isnan(elbos).any():
+                label += f" ({int(np.isnan(elbos).sum())} chunks with a NaN loss)"
             steps = (hit[0] + 1) * args.chunk if hit.size else None
             wall = seconds[hit[0]] if hit.size else None
             rows.append((label, steps, wall, compile_s, elbos[-1], seconds[-1] / len(elbos)))

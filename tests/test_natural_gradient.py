@@ -227,7 +227,7 @@ def test_plate_subsample_and_learned_parameter():
         np.asarray(after["z_auto_potential_obs"] != before["z_auto_potential_obs"]), axis=(1, 2)
     )
     assert changed.sum() == 2
-    result = svi.run(jax.random.key(1), 200, y, 2, progress_bar=False)
+    result = svi.run(jax.random.key(1), 300, y, 2, progress_bar=False)
 
     def log_lik(sd):
         q = LDSPosterior(prior.expand((n,)), y, potential_var=jnp.full((n, T, K), sd**2))
