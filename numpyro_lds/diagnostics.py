@@ -8,8 +8,10 @@ assembles dictionaries of arrays and calls ``az.from_dict``, so ArviZ 1.x
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.distributions import Independent
 from numpyro.infer import Predictive
 from numpyro.infer.util import log_density, log_likelihood
 
@@ -40,7 +42,11 @@ def to_inference_data(
 
     Groups: ``posterior`` (guide draws of every latent site; LDS sites have dims
     ``("chain", "draw", …, "time", "state")`` with integer coordinates), ``posterior_predictive``
-    and ``log_likelihood`` (one entry per observed site, so ``az.loo`` works),
+    and ``log_likelihood`` (one entry per observed site; per time step, dims
+    ``("chain", "draw", …, "time")``, for a site whose ``to_event`` dims include an LDS
+    site's time axis, e.g. ``dist.Normal(z, s).to_event(2)`` with ``y`` of shape
+    ``[…, T, D]``, so ``az.loo`` leaves out one time step at a time; other sites give one
+    value per draw and batch element, as NumPyro's ``log_likelihood``),
     ``observed_data``, and ``svi_loss`` (the loss history, when ``losses`` is given).
 
     Args:
@@ -68,19 +74,28 @@ def to_inference_data(
     predictive = Predictive(model, posterior_samples=draws, params=params)(
         key_pred, *model_args, **model_kwargs
     )
-    loglik = log_likelihood(
-        handlers.substitute(model, data=params), draws, *model_args, **model_kwargs
-    )
-
-    dims, coords = {}, {}
+    dims, coords, lengths = {}, {}, set()
     for name in latent:
         base, _ = _unwrap(trace[name]["fn"])
         if isinstance(base, LinearGaussianStateSpace):
             T, k = base.event_shape
+            lengths.add(T)
             batch = [f"{name}_dim_{i}" for i in range(np.ndim(draws[name]) - 3)]
             dims[name] = batch + ["time", "state"]
             coords.setdefault("time", np.arange(T))
             coords.setdefault("state", np.arange(k))
+    per_step = {n: _time_axis_event_dims(trace[n]["fn"], lengths) for n in observed}
+    per_step = {n: v for n, v in per_step.items() if v is not None}
+    loglik = log_likelihood(
+        handlers.substitute(model, data=params), draws, *model_args, **model_kwargs
+    )
+    if per_step:
+        loglik.update(
+            _per_step_log_likelihood(model, params, draws, per_step, model_args, model_kwargs)
+        )
+    for name in per_step:
+        batch = [f"{name}_dim_{i}" for i in range(np.ndim(loglik[name]) - 2)]
+        dims[name] = batch + ["time"]
 
     add_chain = lambda d: {k: np.asarray(v)[None] for k, v in d.items()}  # noqa: E731
     idata = az.from_dict(
@@ -96,6 +111,47 @@ def to_inference_data(
 
         idata.add_groups({"svi_loss": xr.Dataset({"loss": ("step", np.asarray(losses))})})
     return idata
+
+
+def _time_axis_event_dims(fn, lengths):
+    """``(time axis, other axes)`` of the log-density to keep and sum, or ``None``.
+
+    An observed site whose event shape ends in ``(T, D)`` with ``T`` an LDS site's length
+    and whose time axis is among the dims ``to_event`` reinterpreted (``Normal(z, s)
+    .to_event(2)``, ``MultivariateNormal(...).to_event(1)``) gets one log-likelihood per
+    time step: its base distribution's log-density summed over every reinterpreted dim but
+    time. Every other site keeps NumPyro's one value per draw (and batch element).
+    """
+    event = tuple(fn.event_shape)
+    if len(event) < 2 or event[-2] not in lengths:
+        return None
+    reinterpreted = 0
+    while isinstance(fn, Independent):
+        reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    time = len(event) - 2  # position of the time axis among the event dims
+    if time >= reinterpreted:
+        return None  # the base distribution's own event includes time: nothing to split
+    # the reinterpreted dims are the last `reinterpreted` dims of the base's log-density
+    axes = tuple(j - reinterpreted for j in range(reinterpreted) if j != time)
+    return fn, axes
+
+
+def _per_step_log_likelihood(model, params, draws, per_step, args, kwargs):
+    """``{site: log p(y_t | z, ...)}`` with a trailing time axis, for every draw."""
+
+    def one(draw):
+        seeded = handlers.seed(handlers.substitute(model, data={**params, **draw}), rng_seed=0)
+        tr = handlers.trace(seeded).get_trace(*args, **kwargs)
+        out = {}
+        for name, (_, axes) in per_step.items():
+            fn = tr[name]["fn"]
+            while isinstance(fn, Independent):
+                fn = fn.base_dist
+            out[name] = jnp.sum(fn.log_prob(tr[name]["value"]), axis=axes)
+        return out
+
+    return jax.vmap(one)(draws)
 
 
 def pareto_k(model, guide, params, *model_args, rng_key, num_samples, **model_kwargs):
