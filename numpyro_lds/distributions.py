@@ -79,6 +79,30 @@ class _PriorShapes(NamedTuple):
     offset: tuple
 
 
+def _concrete_num_steps(num_steps) -> int:
+    """``num_steps`` as a Python int: any concrete integer scalar (``int``, ``np.int64``, a
+    0-d ``jnp.int32`` array); a traced value is refused, as ``T`` fixes the scan's length."""
+    if isinstance(num_steps, jax.core.Tracer):
+        raise TypeError(
+            "num_steps must be a concrete integer, got a traced value (the sequence length "
+            "fixes array shapes, so it cannot be a jit argument: pass it as a static "
+            "argument or close over a Python int)"
+        )
+    dtype = getattr(num_steps, "dtype", None)
+    is_int = isinstance(num_steps, (int, np.integer)) or (
+        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.ndim(num_steps) == 0
+    )
+    if isinstance(num_steps, bool) or dtype == jnp.bool_ or not is_int:
+        shape = f" of shape {np.shape(num_steps)} and dtype {dtype}" if dtype is not None else ""
+        raise TypeError(
+            f"num_steps must be an integer scalar, got {type(num_steps).__name__}{shape}"
+        )
+    num_steps = int(num_steps)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return num_steps
+
+
 def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
     """Resolve ``T``, ``k`` and the batch shape from argument shapes, or raise ValueError."""
     mean, cov0, matrix, cov = map(tuple, (mean, cov0, matrix, cov))
@@ -106,11 +130,7 @@ def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
         n: s[-3] if len(s) >= 3 and n != "transition_offset" else s[-2] for n, s in norm.items()
     }
     if num_steps is not None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-            raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        num_steps = int(num_steps)
+        num_steps = _concrete_num_steps(num_steps)
     explicit = {n: t for n, t in lengths.items() if t != 1}
     if explicit:
         if num_steps is None:

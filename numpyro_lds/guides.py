@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import ExitStack, contextmanager
 
 import jax
@@ -22,6 +23,7 @@ from numpyro.distributions.util import periodic_repeat
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
+from numpyro.util import find_stack_level
 
 from numpyro_lds.conjugate import (
     information_from_potential,
@@ -95,6 +97,33 @@ def _rewrap(q, wrappers):
         else:
             q = q.expand(w.batch_shape)
     return q
+
+
+def _warn_broadcast_observations(trace):
+    """Warn where an observed value's shape broadcasts the site's distribution to another shape.
+
+    The classic case: a univariate series ``y`` of shape ``(T,)`` observed through
+    ``dist.Normal(z, s).to_event(2)`` with ``z`` of shape ``(T, 1)``: the log-density is then
+    summed over a ``(T, T)`` array, a finite, silently wrong number.
+    """
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        value_shape = jnp.shape(site["value"])
+        fn_shape = tuple(site["fn"].batch_shape) + tuple(site["fn"].event_shape)
+        try:
+            joint = jnp.broadcast_shapes(value_shape, fn_shape)
+        except ValueError:
+            continue  # the model itself raises on its log-density
+        if joint != fn_shape:
+            warnings.warn(
+                f"observed site {name!r}: its value of shape {value_shape} broadcasts the "
+                f"distribution's shape {fn_shape} (batch + event) to {joint}, so its "
+                "log-density is summed over values that were never observed. A univariate "
+                "series must have shape [T, 1] (e.g. y[:, None]), like the LDS site's [T, k].",
+                UserWarning,
+                stacklevel=find_stack_level(),
+            )
 
 
 class AutoLDSGuide(AutoGuide):
@@ -243,6 +272,22 @@ class AutoLDSGuide(AutoGuide):
             prior, _ = _unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
                 self._lds_sites[name] = site
+        if not self._lds_sites:
+            latent = [
+                f"{n} ({type(_unwrap(s['fn'])[0]).__name__})"
+                for n, s in self.prototype_trace.items()
+                if s["type"] == "sample" and not s["is_observed"]
+            ]
+            warnings.warn(
+                "AutoLDSGuide found no LinearGaussianStateSpace sample site in the model "
+                f"(latent sites: {', '.join(latent) or 'none'}); every latent gets an "
+                "AutoNormal guide. Sample the latent trajectory from a "
+                "LinearGaussianStateSpace (possibly inside plates or .to_event()) for the "
+                "structured guide.",
+                UserWarning,
+                stacklevel=find_stack_level(),
+            )
+        _warn_broadcast_observations(self.prototype_trace)
         self._init_potentials = {}
         self._prototype_args = (args, kwargs)
         others = [

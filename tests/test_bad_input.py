@@ -75,6 +75,13 @@ PRIOR_CASES = [
     ("num_steps_zero", dict(num_steps=0), ValueError, r"num_steps must be >= 1"),
     ("num_steps_float", dict(num_steps=4.0), TypeError, r"num_steps must be an int"),
     (
+        "num_steps_vector",
+        dict(num_steps=np.array([4])),
+        TypeError,
+        r"num_steps must be an integer scalar, got ndarray of shape \(1,\)",
+    ),
+    ("num_steps_bool", dict(num_steps=np.bool_(True)), TypeError, r"num_steps must be an int"),
+    (
         "scalar_mean",
         dict(initial_mean=np.float64(0.0)),
         ValueError,
@@ -283,3 +290,42 @@ def test_guide_rejects_bad_potential_masks(masks, msg):
     guide = AutoLDSGuide(model, potential_mask=lambda: masks)
     with pytest.raises(ValueError, match=msg):
         numpyro.handlers.seed(guide, rng_seed=0)()
+
+
+@pytest.mark.parametrize("num_steps", [4, np.int32(4), np.int64(4), jnp.int32(4), np.array(4)])
+def test_num_steps_accepts_any_concrete_integer_scalar(num_steps):
+    d = prior(num_steps=num_steps)
+    assert d.num_steps == 4 and type(d.num_steps) is int
+    assert d.event_shape == (4, 2)
+
+
+def test_num_steps_traced_under_jit_is_refused_with_a_clear_message():
+    with pytest.raises(TypeError, match=r"num_steps must be a concrete integer, got a traced"):
+        jax.jit(lambda n: prior(num_steps=n).entropy())(4)
+
+
+def test_guide_warns_when_the_model_has_no_lds_site():
+    def model(y):
+        z = numpyro.sample("z", dist.Normal(jnp.zeros((4, 2)), 1.0).to_event(2))
+        numpyro.sample("y", dist.Normal(z, 1.0).to_event(2), obs=y)
+
+    guide = AutoLDSGuide(model)
+    with pytest.warns(UserWarning, match=r"no LinearGaussianStateSpace .*z \(Normal\)"):
+        numpyro.handlers.seed(guide, rng_seed=0)(jnp.zeros((4, 2)))
+
+
+def test_guide_warns_when_a_univariate_series_broadcasts_the_latent():
+    """``y`` of shape ``(T,)`` against ``z`` of shape ``(T, 1)``: a ``(T, T)`` log-density."""
+    p = LinearGaussianStateSpace(np.zeros(1), np.eye(1), np.eye(1), np.eye(1), num_steps=6)
+
+    def model(y):
+        numpyro.sample("y", dist.Normal(numpyro.sample("z", p), 1.0).to_event(2), obs=y)
+
+    guide = AutoLDSGuide(model)
+    with pytest.warns(UserWarning, match=r"'y': its value of shape \(6,\) .*\(6, 1\).*\(6, 6\)"):
+        numpyro.handlers.seed(guide, rng_seed=0)(jnp.zeros(6))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right shape passes silently
+        numpyro.handlers.seed(AutoLDSGuide(model), rng_seed=0)(jnp.zeros((6, 1)))
