@@ -8,6 +8,10 @@ Problems (each with the defaults a user gets: ``AutoLDSGuide(model)``):
   own units, 10⁸ m³), both variances learned from 1.0.
 - ``poisson``: a Poisson LDS of population spike counts (``k = 4``, 50 neurons,
   ``T = 1 000``, log link), loadings known: the posterior alone is fitted.
+- ``svae``: the structured VAE of ``examples/svae.py`` (16 sequences of 50 frames of 32
+  pixels, an MLP decoder, learned dynamics): the encoder's potentials (the example's guide)
+  against free potentials per sequence, which ``NaturalGradientSVI`` steps (full ``k x k``,
+  as the decoder couples the latents) while Adam trains the decoder and the dynamics.
 
 Methods: ``NaturalGradientSVI`` (Adam for the model's parameters), ``SVI`` with the exact KL
 (``TraceMeanField_ELBO``) and with the sampled one (``Trace_ELBO``), each with Adam at every
@@ -92,11 +96,56 @@ def poisson_problem():
     return model, (y,)
 
 
-PROBLEMS = {"tracking": tracking_problem, "nile": nile_problem, "poisson": poisson_problem}
+def svae_problem():
+    import svae
+
+    _, x = svae.make_video(jax.random.key(0), 16, 50, 32)
+    return svae.model, (x,)
+
+
+PROBLEMS = {
+    "tracking": tracking_problem,
+    "nile": nile_problem,
+    "poisson": poisson_problem,
+    "svae": svae_problem,
+}
+
+
+def svae_methods(model, args):
+    """The structured VAE: free potentials (natural or Adam steps) and the example's encoder."""
+    import svae
+
+    def encoder_guide():
+        return AutoLDSGuide(model, encoder=svae.encoder, create_plates=svae.plates)
+
+    out = {}
+    for lr in args.rates:
+        out[f"natural gradient, Adam({lr})"] = NaturalGradientSVI(
+            model,
+            AutoLDSGuide(model, potential_form="full", create_plates=svae.plates),
+            numpyro.optim.Adam(lr),
+            TraceMeanField_ELBO(),
+            natural_step_size=0.5,
+        )
+        out[f"exact KL, Adam({lr})"] = SVI(
+            model,
+            AutoLDSGuide(model, create_plates=svae.plates),
+            numpyro.optim.Adam(lr),
+            TraceMeanField_ELBO(),
+        )
+        out[f"exact KL, encoder, Adam({lr})"] = SVI(
+            model, encoder_guide(), numpyro.optim.Adam(lr), TraceMeanField_ELBO()
+        )
+        out[f"sampled KL, encoder, Adam({lr})"] = SVI(
+            model, encoder_guide(), numpyro.optim.Adam(lr), Trace_ELBO()
+        )
+    return {label: (svi, args.svae_steps) for label, svi in out.items()}
 
 
 def methods(problem, model, args):
     """``{label: (svi, num_steps)}``; the Adam runs over a grid of rates."""
+    if problem == "svae":
+        return svae_methods(model, args)
     full = problem == "poisson"
     form = "full" if full else "diagonal"
     step_size = 0.5 if full else 1.0
@@ -245,6 +294,7 @@ if __name__ == "__main__":
     parser.add_argument("--rates", nargs="+", type=float, default=[0.005, 0.02, 0.05])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--poisson-steps", type=int, default=1500)
+    parser.add_argument("--svae-steps", type=int, default=2000)
     parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--name", default="training")
     main(parser.parse_args())

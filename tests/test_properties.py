@@ -13,7 +13,7 @@ from helpers import random_posterior, random_prior
 from numpyro_lds import kl_terms
 
 SETTINGS = settings(
-    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 
 
