@@ -343,5 +343,8 @@ def test_errors_name_what_is_wrong():
         numpyro.sample("x", dist.Normal(0.0, 1.0))
 
     svi = NaturalGradientSVI(no_lds, AutoLDSGuide(no_lds), Adam(0.1), Trace_ELBO())
-    with pytest.raises(ValueError, match="LinearGaussianStateSpace"):
+    with (
+        pytest.warns(UserWarning, match="no LinearGaussianStateSpace"),  # the guide's own
+        pytest.raises(ValueError, match="LinearGaussianStateSpace"),
+    ):
         svi.init(jax.random.key(0), jnp.zeros((T, K)))
