@@ -17,7 +17,10 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "none"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_custom_sections = [("Shapes", "params_style")]
+# "Shapes:" is prose (a rubric and its paragraph), not a list of parameters
+napoleon_custom_sections = ["Shapes"]
+# attribute types from annotations would print JAX's private array class
+napoleon_attr_annotations = False
 myst_heading_anchors = 3
 html_theme = "alabaster"
 html_title = "numpyro_lds"

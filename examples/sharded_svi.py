@@ -20,8 +20,10 @@ loss curves' largest difference (round-off of the cross-device sums only) and th
 shared parameters against the simulated ones. The potentials take natural-gradient steps
 (:class:`~numpyro_lds.NaturalGradientSVI`, the exact smoother at every step), so Adam
 fits the dynamics on the exact marginal likelihood; ``--optimizer adam`` moves the
-potentials with Adam as well, and its shared parameters then lag behind the potentials
-(500 steps end far from the simulated damping).
+potentials with Adam as well, and the learned noise then lags behind them. Measured on
+this 2-core CPU with the defaults (64 sequences, ``T = 200``, 500 steps, simulated rate
+0.3, damping 0.97, observation sd 0.5): natural gradients 0.297, 0.971, 0.499; Adam
+0.298, 0.972, 0.625; both sharded runs within 3e-7 of their one-device loss curves.
 """
 
 import argparse
