@@ -55,7 +55,26 @@ def _as_float(name, x):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
+    elif x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; supported: float32 and float64 (integers are "
+            "promoted to JAX's default float)"
+        )
     return x
+
+
+class _FinitePositive(constraints._GreaterThan):
+    """``0 < x < inf``: NumPyro's ``positive`` lets ``+inf`` through, and an infinite
+    potential variance turns every output into NaN."""
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def __call__(self, x):
+        return (x > 0) & jnp.isfinite(x)
+
+
+_finite_positive = _FinitePositive()
 
 
 def _shape_error(name, shape, expected):
@@ -602,7 +621,7 @@ class LDSPosterior(_ChainDistribution):
     arg_constraints = {
         "potential_mean": constraints.independent(constraints.real, 2),
         "potential_cov": constraints.positive_definite,
-        "potential_var": constraints.positive,
+        "potential_var": _finite_positive,
         "emission_matrix": constraints.real,
     }
     reparametrized_params = ["potential_mean", "potential_cov", "potential_var", "emission_matrix"]

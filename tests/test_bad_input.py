@@ -95,6 +95,12 @@ PRIOR_CASES = [
     ),
     ("bool_dtype", dict(initial_mean=np.zeros(2, bool)), TypeError, r"initial_mean .*floating"),
     (
+        "float16_dtype",
+        dict(initial_cov=np.eye(2, dtype=np.float16)),
+        TypeError,
+        r"initial_cov has dtype float16; supported: float32 and float64",
+    ),
+    (
         "batch_mismatch",
         dict(initial_mean=np.zeros((3, 2)), initial_cov=np.broadcast_to(I2, (4, 2, 2))),
         ValueError,
@@ -111,6 +117,27 @@ PRIOR_CASES = [
 
 
 POSTERIOR_CASES = [
+    (
+        "infinite_var",
+        dict(potential_var=np.full((4, 2), np.inf), validate_args=True),
+        ValueError,
+        r"invalid potential_var",
+    ),
+    (
+        "var_overflows_float32",  # a float64 1e300 against a float32 prior: inf once cast
+        dict(
+            prior=prior(
+                initial_mean=np.zeros(2, np.float32),
+                initial_cov=np.eye(2, dtype=np.float32),
+                transition_matrix=np.float32(0.9) * np.eye(2, dtype=np.float32),
+                transition_cov=np.float32(0.1) * np.eye(2, dtype=np.float32),
+            ),
+            potential_var=np.full((4, 2), 1e300),
+            validate_args=True,
+        ),
+        ValueError,
+        r"invalid potential_var",
+    ),
     (
         "both_covs",
         dict(potential_cov=np.broadcast_to(I2, (4, 2, 2))),
