@@ -389,6 +389,13 @@ class _ChainDistribution(Distribution):
             raise _shape_error(
                 "value", value.shape, f"[..., {self.num_steps}, {self.event_shape[1]}]"
             )
+        try:
+            jnp.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        except ValueError:
+            raise ValueError(
+                f"value's batch shape {value.shape[:-2]} (of shape {value.shape}) does not "
+                f"broadcast with the distribution's batch_shape {self.batch_shape}"
+            ) from None
         return value
 
     @validate_sample

@@ -234,6 +234,13 @@ def test_log_prob_rejects_wrong_event_shape():
         prior().log_prob(jnp.zeros((3, 2)))
 
 
+@pytest.mark.parametrize("build", [prior, posterior], ids=["prior", "posterior"])
+def test_log_prob_rejects_a_value_whose_batch_does_not_broadcast(build):
+    d = build().expand((3,))
+    with pytest.raises(ValueError, match=r"value's batch shape \(2,\) .*batch_shape \(3,\)"):
+        d.log_prob(jnp.zeros((2, 4, 2)))
+
+
 def test_integer_arguments_are_promoted_to_float():
     d = prior(initial_mean=np.zeros(2, int), transition_matrix=np.eye(2, dtype=int))
     assert jnp.issubdtype(d.transition_matrix.dtype, jnp.floating)
