@@ -498,37 +498,40 @@ class LinearGaussianStateSpace(_ChainDistribution):
         schedule=None,
         validate_args=None,
     ):
-        args = {
-            "initial_mean": initial_mean,
-            "initial_cov": initial_cov,
-            "transition_matrix": transition_matrix,
-            "transition_cov": transition_cov,
-        }
-        if transition_offset is not None:
-            args["transition_offset"] = transition_offset
-        args = {n: _as_float(n, v) for n, v in args.items()}
-        dtype = jnp.result_type(*args.values())
-        args = {n: v.astype(dtype) for n, v in args.items()}
-        shapes = _prior_shapes(
-            args["initial_mean"].shape,
-            args["initial_cov"].shape,
-            args["transition_matrix"].shape,
-            args["transition_cov"].shape,
-            args["transition_offset"].shape if transition_offset is not None else None,
-            num_steps,
-        )
-        k = shapes.state_dim
-        self.initial_mean = args["initial_mean"]
-        self.initial_cov = args["initial_cov"]
-        self.transition_matrix = args["transition_matrix"].reshape(shapes.matrix)
-        self.transition_cov = args["transition_cov"].reshape(shapes.cov)
-        self.transition_offset = (
-            jnp.zeros((1, k), dtype)
-            if transition_offset is None
-            else args["transition_offset"].reshape(shapes.offset)
-        )
-        self.schedule = check_schedule(schedule)
-        super().__init__(shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args)
+        # Constants captured under jit stay concrete through the conversions, so that
+        # validation checks their values there too, as NumPyro's own distributions do.
+        with jax.ensure_compile_time_eval():
+            args = {
+                "initial_mean": initial_mean,
+                "initial_cov": initial_cov,
+                "transition_matrix": transition_matrix,
+                "transition_cov": transition_cov,
+            }
+            if transition_offset is not None:
+                args["transition_offset"] = transition_offset
+            args = {n: _as_float(n, v) for n, v in args.items()}
+            dtype = jnp.result_type(*args.values())
+            args = {n: v.astype(dtype) for n, v in args.items()}
+            shapes = _prior_shapes(
+                args["initial_mean"].shape,
+                args["initial_cov"].shape,
+                args["transition_matrix"].shape,
+                args["transition_cov"].shape,
+                args["transition_offset"].shape if transition_offset is not None else None,
+                num_steps,
+            )
+            k = shapes.state_dim
+            self.initial_mean = args["initial_mean"]
+            self.initial_cov = args["initial_cov"]
+            self.transition_matrix = args["transition_matrix"].reshape(shapes.matrix)
+            self.transition_cov = args["transition_cov"].reshape(shapes.cov)
+            self.transition_offset = (
+                jnp.zeros((1, k), dtype)
+                if transition_offset is None
+                else args["transition_offset"].reshape(shapes.offset)
+            )
+            self.schedule = check_schedule(schedule)
+            super().__init__(shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args)
 
     @staticmethod
     def infer_shapes(
@@ -656,41 +659,44 @@ class LDSPosterior(_ChainDistribution):
     ):
         if not isinstance(prior, LinearGaussianStateSpace):
             raise TypeError(f"prior must be a LinearGaussianStateSpace, got {type(prior).__name__}")
-        T, k = prior.event_shape
-        arrays = {
-            "potential_mean": potential_mean,
-            "potential_cov": potential_cov,
-            "potential_var": potential_var,
-            "emission_matrix": emission_matrix,
-        }
-        arrays = {n: None if v is None else _as_float(n, v) for n, v in arrays.items()}
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != jnp.bool_:
-                raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-        shape = lambda n: None if arrays[n] is None else arrays[n].shape  # noqa: E731
-        shapes = _posterior_shapes(
-            prior.batch_shape,
-            T,
-            k,
-            shape("potential_mean"),
-            shape("potential_cov"),
-            shape("potential_var"),
-            shape("emission_matrix"),
-            None if mask is None else mask.shape,
-        )
-        dtype = prior.initial_mean.dtype
-        arrays = {n: None if v is None else v.astype(dtype) for n, v in arrays.items()}
-        self.prior = prior
-        self.potential_mean = arrays["potential_mean"]
-        self.potential_cov = arrays["potential_cov"]
-        self.potential_var = arrays["potential_var"]
-        self.emission_matrix = (
-            None if shapes.emission is None else arrays["emission_matrix"].reshape(shapes.emission)
-        )
-        self.potential_mask = mask
-        self.schedule = prior.schedule if schedule is None else check_schedule(schedule)
-        super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
+        with jax.ensure_compile_time_eval():  # as in LinearGaussianStateSpace
+            T, k = prior.event_shape
+            arrays = {
+                "potential_mean": potential_mean,
+                "potential_cov": potential_cov,
+                "potential_var": potential_var,
+                "emission_matrix": emission_matrix,
+            }
+            arrays = {n: None if v is None else _as_float(n, v) for n, v in arrays.items()}
+            if mask is not None:
+                mask = jnp.asarray(mask)
+                if mask.dtype != jnp.bool_:
+                    raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+            shape = lambda n: None if arrays[n] is None else arrays[n].shape  # noqa: E731
+            shapes = _posterior_shapes(
+                prior.batch_shape,
+                T,
+                k,
+                shape("potential_mean"),
+                shape("potential_cov"),
+                shape("potential_var"),
+                shape("emission_matrix"),
+                None if mask is None else mask.shape,
+            )
+            dtype = prior.initial_mean.dtype
+            arrays = {n: None if v is None else v.astype(dtype) for n, v in arrays.items()}
+            self.prior = prior
+            self.potential_mean = arrays["potential_mean"]
+            self.potential_cov = arrays["potential_cov"]
+            self.potential_var = arrays["potential_var"]
+            self.emission_matrix = (
+                None
+                if shapes.emission is None
+                else arrays["emission_matrix"].reshape(shapes.emission)
+            )
+            self.potential_mask = mask
+            self.schedule = prior.schedule if schedule is None else check_schedule(schedule)
+            super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
 
     @staticmethod
     def infer_shapes(

@@ -304,6 +304,27 @@ def test_non_pd_covariance_under_jit_gives_nan():
 
 
 @pytest.mark.parametrize(
+    "build, kw, name",
+    [
+        (prior, dict(initial_cov=-I2), "initial_cov"),
+        (prior, dict(transition_matrix=np.full((2, 2), np.nan)), "transition_matrix"),
+        (posterior, dict(potential_var=-np.ones((4, 2))), "potential_var"),
+        (
+            posterior,
+            dict(potential_var=None, potential_cov=-np.broadcast_to(I2, (4, 2, 2))),
+            "potential_cov",
+        ),
+    ],
+    ids=["prior_cov", "prior_nan", "posterior_var", "posterior_cov"],
+)
+def test_invalid_constants_captured_under_jit_are_rejected(build, kw, name):
+    """Values known when the program is traced (constants, not jit arguments) are checked
+    there too, as NumPyro's own distributions do (``jax.ensure_compile_time_eval``)."""
+    with pytest.raises(ValueError, match=f"invalid {name} parameter"):
+        jax.jit(lambda: build(validate_args=True, **kw).entropy())()
+
+
+@pytest.mark.parametrize(
     "masks, msg",
     [
         (
