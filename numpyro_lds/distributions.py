@@ -698,6 +698,30 @@ class LDSPosterior(_ChainDistribution):
             self.schedule = prior.schedule if schedule is None else check_schedule(schedule)
             super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
 
+    def validate_args(self, strict: bool = True) -> None:
+        """NumPyro's value checks, on the unmasked steps only: a masked step's potential is
+        never used, so a placeholder there (NaN, a negative variance) is not an error."""
+        mask = self.potential_mask
+        if mask is None:
+            return super().validate_args(strict)
+        saved = {n: getattr(self, n) for n in ("potential_mean", "potential_var", "potential_cov")}
+        with jax.ensure_compile_time_eval():
+            d = self.potential_mean.shape[-1]
+            fills = {
+                "potential_mean": (mask[..., None], 0.0),
+                "potential_var": (mask[..., None], 1.0),
+                "potential_cov": (mask[..., None, None], jnp.eye(d)),
+            }
+            for name, value in saved.items():
+                if value is not None:
+                    keep, fill = fills[name]
+                    setattr(self, name, jnp.where(keep, value, fill))
+        try:
+            super().validate_args(strict)
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
     @staticmethod
     def infer_shapes(
         prior,

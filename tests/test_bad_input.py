@@ -293,6 +293,28 @@ def test_masked_steps_ignore_non_finite_placeholders():
     assert all(np.all(np.isfinite(x)) for x in g)
 
 
+@pytest.mark.parametrize("form", ["var", "cov"])
+def test_masked_placeholders_pass_default_validation(form):
+    """``validate_args=True`` checks the unmasked steps only: NaN or a negative variance at
+    a masked step is a placeholder, not an error, and the KL is the one without it."""
+    mask = np.array([True, True, False, True])
+    y, y_nan = np.zeros((4, 2)), np.zeros((4, 2))
+    y_nan[2] = np.nan
+    if form == "var":
+        good, bad = np.ones((4, 2)), np.ones((4, 2))
+        bad[2] = -1.0
+        kw = lambda v: dict(potential_var=v)  # noqa: E731
+    else:
+        good, bad = np.broadcast_to(I2, (4, 2, 2)).copy(), np.broadcast_to(I2, (4, 2, 2)).copy()
+        bad[2] = np.nan
+        kw = lambda v: dict(potential_var=None, potential_cov=v)  # noqa: E731
+    q_bad = posterior(potential_mean=y_nan, mask=mask, validate_args=True, **kw(bad))
+    q_good = posterior(potential_mean=y, mask=mask, validate_args=True, **kw(good))
+    np.testing.assert_allclose(q_bad.kl_to_prior(), q_good.kl_to_prior(), rtol=1e-12)
+    with pytest.raises(ValueError, match=f"invalid potential_{form} parameter"):
+        posterior(potential_mean=y, mask=np.ones(4, bool), validate_args=True, **kw(bad))
+
+
 def test_non_pd_covariance_under_jit_gives_nan():
     """Under jit NumPyro cannot check values; a non-PD covariance yields NaN, never a number."""
 
