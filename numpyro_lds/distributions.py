@@ -430,7 +430,10 @@ class LinearGaussianStateSpace(_ChainDistribution):
 
     Args:
       initial_mean: mean of ``z_1``.
-      initial_cov: covariance of ``z_1``.
+      initial_cov: covariance of ``z_1``. Every covariance argument is used through its
+        symmetric part ``(P + Pᵀ) / 2``; validation rejects a non-symmetric value wherever
+        it sees one (eagerly, or a constant under ``jit``), and a traced or unvalidated
+        one is symmetrized, not an error.
       transition_matrix: ``A``.
       transition_cov: process-noise covariance ``Q``.
       transition_offset: ``b``; zero if omitted.
@@ -595,7 +598,8 @@ class LDSPosterior(_ChainDistribution):
     Args:
       prior: the LDS prior that the potentials condition.
       potential_mean: pseudo-observations ``y_t``.
-      potential_cov: their full covariances ``R_t``.
+      potential_cov: their full covariances ``R_t`` (symmetric; used through their
+        symmetric part, as the prior's covariances).
       potential_var: their variances (diagonal ``R_t``), kept as ``[T, d]`` throughout: never
         stored, factorized or differentiated as ``d × d`` matrices (the Kalman update adds
         them to the diagonal of its innovation covariance); faster and smaller than the

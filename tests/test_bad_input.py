@@ -406,3 +406,26 @@ def test_guide_warns_when_a_univariate_series_broadcasts_the_latent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the right shape passes silently
         numpyro.handlers.seed(AutoLDSGuide(model), rng_seed=0)(jnp.zeros((6, 1)))
+
+
+@pytest.mark.parametrize("name", ["initial_cov", "transition_cov", "potential_cov"])
+def test_non_symmetric_covariance_is_rejected_where_seen_else_symmetrized(name):
+    """The contract: covariances are used through their symmetric part. Validation raises
+    where it sees the value; traced under jit, the result is the symmetric part's."""
+    P = np.array([[1.0, 0.5], [0.0, 1.0]])
+
+    def build(c, validate_args):
+        if name == "potential_cov":
+            cov = (
+                np.broadcast_to(c, (4, 2, 2))
+                if isinstance(c, np.ndarray)
+                else jnp.broadcast_to(c, (4, 2, 2))
+            )
+            return posterior(potential_var=None, potential_cov=cov, validate_args=validate_args)
+        return prior(**{name: c}, validate_args=validate_args)
+
+    with pytest.raises(ValueError, match=f"invalid {name} parameter"):
+        build(P, True)
+    traced = jax.jit(lambda c: build(c, True).entropy())(jnp.asarray(P))
+    symmetric = build((P + P.T) / 2, True).entropy()
+    np.testing.assert_allclose(traced, symmetric, rtol=1e-12)
