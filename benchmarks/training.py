@@ -179,6 +179,45 @@ def methods(problem, model, args):
     return out
 
 
+_METHOD_COLORS = {
+    "natural gradient": "C0",
+    "exact KL, encoder": "C4",
+    "sampled KL, encoder": "C5",
+    "exact KL": "C1",
+    "sampled KL": "C2",
+    "AutoMultivariateNormal": "C3",
+}
+
+
+def _line_style(label, rates):
+    """One colour per method, one line style per learning rate."""
+    color = next(c for m, c in _METHOD_COLORS.items() if label.startswith(m))
+    styles = ["-", "--", ":", "-."]
+    rate = next((i for i, r in enumerate(rates) if f"Adam({r})" in label), 0)
+    return color, styles[rate % len(styles)]
+
+
+def _figure_legend(fig, rates):
+    """Colours name the methods, line styles the learning rates (one legend for all panels)."""
+    from matplotlib.lines import Line2D
+
+    for legend in fig.legends:
+        legend.remove()
+    handles = [Line2D([], [], color=c, label=m) for m, c in _METHOD_COLORS.items()]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="gray",
+            ls=_line_style(f"exact KL, Adam({r})", rates)[1],
+            label=f"Adam({r})",
+        )
+        for r in rates
+    ]
+    handles.append(Line2D([], [], color="k", ls=":", lw=1, label="target"))
+    fig.legend(handles=handles, loc="lower center", ncol=(len(handles) + 1) // 2, fontsize=8)
+
+
 def timed_run(svi, num_steps, data, chunk, seed=0):
     """ELBO per chunk of steps and the cumulative seconds after it; compile time apart."""
     state = svi.init(jax.random.key(seed), *data)
@@ -215,14 +254,33 @@ def main(args):
         "some rates: its Trace_ELBO at a singular covariance).",
         "",
     ]
-    fig, axes = plt.subplots(1, len(args.problems), figsize=(5.5 * len(args.problems), 4))
-    axes = np.atleast_1d(axes)
+    cols = min(2, len(args.problems))
+    rows_ = -(-len(args.problems) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(7 * cols, 5.5 * rows_), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(args.problems) :]:
+        ax.set_visible(False)
     for ax, problem in zip(axes, args.problems, strict=True):
-        model, data = PROBLEMS[problem]()
-        runs = {}
-        for label, (svi, steps) in methods(problem, model, args).items():
-            runs[label] = timed_run(svi, steps, data, args.chunk)
-            print(f"{problem}: {label}: final ELBO {runs[label][0][-1]:.1f}", flush=True)
+        curves = os.path.join(RESULTS, f"{args.name}_{problem}.npz")
+        if args.replot:  # the curves of the last run, for a figure change without rerunning
+            saved = np.load(curves)
+            runs = {
+                str(label): (saved[f"elbos{i}"], saved[f"seconds{i}"], float(saved[f"compile{i}"]))
+                for i, label in enumerate(saved["labels"])
+            }
+        else:
+            model, data = PROBLEMS[problem]()
+            runs = {}
+            for label, (svi, steps) in methods(problem, model, args).items():
+                runs[label] = timed_run(svi, steps, data, args.chunk)
+                print(f"{problem}: {label}: final ELBO {runs[label][0][-1]:.1f}", flush=True)
+            os.makedirs(RESULTS, exist_ok=True)
+            arrays = {"labels": np.array(list(runs))}
+            for i, (elbos, seconds, compile_s) in enumerate(runs.values()):
+                arrays.update(
+                    {f"elbos{i}": elbos, f"seconds{i}": seconds, f"compile{i}": compile_s}
+                )
+            np.savez(curves, **arrays)
         # The target comes from the structured guide's runs: a diverged AutoMultivariateNormal
         # run's loss can reach -1e25 (its Trace_ELBO at a singular covariance).
         ours = [r for label, r in runs.items() if not label.startswith("AutoMultivariate")]
@@ -241,12 +299,32 @@ def main(args):
             steps = (hit[0] + 1) * args.chunk if hit.size else None
             wall = seconds[hit[0]] if hit.size else None
             rows.append((label, steps, wall, compile_s, elbos[-1], seconds[-1] / len(elbos)))
-            ax.plot(seconds, np.where(np.isfinite(elbos), elbos, np.nan), label=label, lw=1)
-        ax.axhline(target, color="k", ls=":", lw=1, label="target")
+            color, style = _line_style(label, args.rates)
+            finite = np.where(np.isfinite(elbos), elbos, np.nan)
+            if not diverged:  # a diverged run's curve is a vertical line off the scale
+                ax.plot(seconds, finite, color=color, ls=style, label=label, lw=1.2)
+        ax.axhline(target, color="k", ls=":", lw=0.8, label="target")
         ax.set_xscale("log")
         low = target - 3 * abs(best - target) - 0.02 * abs(best - start)
         if np.isfinite(low) and np.isfinite(best):
             ax.set_ylim(low, best + abs(best - target))
+            below = {}
+            for r in rows:
+                if not np.isfinite(r[4]) or r[4] < low:
+                    method, _, rate = r[0].split(" (")[0].rpartition(", Adam(")
+                    below.setdefault(method, []).append(rate.rstrip(")"))
+            if below:
+                lines = [f"{m}: Adam({', '.join(rs)})" for m, rs in below.items()]
+                ax.text(
+                    0.99,
+                    0.02,
+                    "ending below this window:\n" + "\n".join(lines),
+                    transform=ax.transAxes,
+                    fontsize=7,
+                    ha="right",
+                    va="bottom",
+                    bbox=dict(facecolor="white", alpha=0.8, lw=0),
+                )
         ax.set_xlabel("wall-clock, compile excluded (s)")
         ax.set_ylabel("ELBO (nats)")
         ax.set_title(problem)
@@ -279,8 +357,8 @@ def main(args):
             report += ["", "No Adam run with the exact KL reached the target."]
         report.append("")
         # written after every problem, so that a later failure keeps the earlier results
-        ax.legend(fontsize=6)
-        fig.tight_layout()
+        _figure_legend(fig, args.rates)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         os.makedirs(RESULTS, exist_ok=True)
         fig.savefig(os.path.join(RESULTS, args.name + ".png"), dpi=100)
         with open(os.path.join(RESULTS, args.name + ".md"), "w") as f:
@@ -297,4 +375,7 @@ if __name__ == "__main__":
     parser.add_argument("--svae-steps", type=int, default=2000)
     parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--name", default="training")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw from the saved curves of the last run"
+    )
     main(parser.parse_args())
