@@ -65,7 +65,9 @@ def main(args):
         ax.set_ylabel(f"$z_{{t,{i + 1}}}$ (a.u.)")
     axes[0].legend(fontsize=8, ncol=3, loc="lower right", bbox_to_anchor=(1, 1), frameon=False)
     axes[-1].set_xlabel("time step $t$")
-    fig.suptitle("2-D latent rotation: observations, truth and the fitted posterior", x=0.3)
+    axes[0].set_title(
+        "2-D latent rotation: observations, truth and the fitted posterior", loc="left", pad=18
+    )
     fig.tight_layout()
     fig.savefig(args.output, dpi=100)
     print(f"wrote {args.output}")

@@ -96,11 +96,16 @@ def main(args):
     print(f"reconstruction RMSE {float(jnp.sqrt(jnp.mean((x_hat - x) ** 2))):.4f}")
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    axes[0].plot(result.losses)
-    axes[0].set_yscale("log" if bool(jnp.all(result.losses > 0)) else "symlog")
-    axes[0].set_title("training loss")
+    elbo = -np.asarray(result.losses)
+    axes[0].plot(elbo, lw=0.8)
+    # a linear axis on the ELBO's range after the first tenth of training; the start,
+    # orders of magnitude lower, would flatten the rest
+    later = elbo[len(elbo) // 10 :]
+    low, high = np.nanpercentile(later, [1, 100])
+    axes[0].set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    axes[0].set_title("training (first tenth off the bottom)")
     axes[0].set_xlabel("SVI step")
-    axes[0].set_ylabel("negative ELBO (nats)")
+    axes[0].set_ylabel("ELBO, one-sample estimate (nats)")
     for i in range(min(3, args.num_sequences)):
         axes[1].plot(q.mean[i, :, 0], q.mean[i, :, 1], label=f"sequence {i}")
     axes[1].set_title("posterior mean latent trajectories")
