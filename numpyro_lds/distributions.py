@@ -711,9 +711,9 @@ class LDSPosterior(_ChainDistribution):
         saved = {n: getattr(self, n) for n in ("potential_mean", "potential_var", "potential_cov")}
         with jax.ensure_compile_time_eval():
             d = self.potential_mean.shape[-1]
-            fills = {
-                "potential_mean": (mask[..., None], 0.0),
-                "potential_var": (mask[..., None], 1.0),
+            fills: dict[str, tuple[jax.Array, jax.Array]] = {
+                "potential_mean": (mask[..., None], jnp.zeros(())),
+                "potential_var": (mask[..., None], jnp.ones(())),
                 "potential_cov": (mask[..., None, None], jnp.eye(d)),
             }
             for name, value in saved.items():
