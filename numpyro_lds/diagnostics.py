@@ -84,7 +84,7 @@ def to_inference_data(
             dims[name] = batch + ["time", "state"]
             coords.setdefault("time", np.arange(T))
             coords.setdefault("state", np.arange(k))
-    per_step = {n: _time_axis_event_dims(trace[n]["fn"], lengths) for n in observed}
+    per_step = {n: _non_time_axes(trace[n]["fn"], lengths) for n in observed}
     per_step = {n: v for n, v in per_step.items() if v is not None}
     loglik = log_likelihood(
         handlers.substitute(model, data=params), draws, *model_args, **model_kwargs
@@ -113,8 +113,17 @@ def to_inference_data(
     return idata
 
 
-def _time_axis_event_dims(fn, lengths):
-    """``(time axis, other axes)`` of the log-density to keep and sum, or ``None``.
+def _strip_independent(fn):
+    """The distribution under every ``to_event`` and how many dims those reinterpreted."""
+    reinterpreted = 0
+    while isinstance(fn, Independent):
+        reinterpreted += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    return fn, reinterpreted
+
+
+def _non_time_axes(fn, lengths):
+    """Axes of the base log-density to sum for one value per time step, or ``None``.
 
     An observed site whose event shape ends in ``(T, D)`` with ``T`` an LDS site's length
     and whose time axis is among the dims ``to_event`` reinterpreted (``Normal(z, s)
@@ -125,16 +134,12 @@ def _time_axis_event_dims(fn, lengths):
     event = tuple(fn.event_shape)
     if len(event) < 2 or event[-2] not in lengths:
         return None
-    reinterpreted = 0
-    while isinstance(fn, Independent):
-        reinterpreted += fn.reinterpreted_batch_ndims
-        fn = fn.base_dist
+    _, reinterpreted = _strip_independent(fn)
     time = len(event) - 2  # position of the time axis among the event dims
     if time >= reinterpreted:
         return None  # the base distribution's own event includes time: nothing to split
     # the reinterpreted dims are the last `reinterpreted` dims of the base's log-density
-    axes = tuple(j - reinterpreted for j in range(reinterpreted) if j != time)
-    return fn, axes
+    return tuple(j - reinterpreted for j in range(reinterpreted) if j != time)
 
 
 def _per_step_log_likelihood(model, params, draws, per_step, args, kwargs):
@@ -144,11 +149,9 @@ def _per_step_log_likelihood(model, params, draws, per_step, args, kwargs):
         seeded = handlers.seed(handlers.substitute(model, data={**params, **draw}), rng_seed=0)
         tr = handlers.trace(seeded).get_trace(*args, **kwargs)
         out = {}
-        for name, (_, axes) in per_step.items():
-            fn = tr[name]["fn"]
-            while isinstance(fn, Independent):
-                fn = fn.base_dist
-            out[name] = jnp.sum(fn.log_prob(tr[name]["value"]), axis=axes)
+        for name, axes in per_step.items():
+            base, _ = _strip_independent(tr[name]["fn"])
+            out[name] = jnp.sum(base.log_prob(tr[name]["value"]), axis=axes)
         return out
 
     return jax.vmap(one)(draws)

@@ -111,7 +111,7 @@ def _concrete_num_steps(num_steps) -> int:
     is_int = isinstance(num_steps, (int, np.integer)) or (
         dtype is not None and jnp.issubdtype(dtype, jnp.integer) and np.ndim(num_steps) == 0
     )
-    if isinstance(num_steps, bool) or dtype == jnp.bool_ or not is_int:
+    if isinstance(num_steps, bool) or not is_int:  # bool is an int subclass
         shape = f" of shape {np.shape(num_steps)} and dtype {dtype}" if dtype is not None else ""
         raise TypeError(
             f"num_steps must be an integer scalar, got {type(num_steps).__name__}{shape}"

@@ -272,11 +272,17 @@ class AutoLDSGuide(AutoGuide):
             prior, _ = _unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
                 self._lds_sites[name] = site
+        _warn_broadcast_observations(self.prototype_trace)
+        self._init_potentials = {}
+        self._prototype_args = (args, kwargs)
+        others = [
+            n
+            for n, s in self.prototype_trace.items()
+            if s["type"] == "sample" and not s["is_observed"] and n not in self._lds_sites
+        ]
         if not self._lds_sites:
             latent = [
-                f"{n} ({type(_unwrap(s['fn'])[0]).__name__})"
-                for n, s in self.prototype_trace.items()
-                if s["type"] == "sample" and not s["is_observed"]
+                f"{n} ({type(_unwrap(self.prototype_trace[n]['fn'])[0]).__name__})" for n in others
             ]
             warnings.warn(
                 "AutoLDSGuide found no LinearGaussianStateSpace sample site in the model "
@@ -287,14 +293,6 @@ class AutoLDSGuide(AutoGuide):
                 UserWarning,
                 stacklevel=find_stack_level(),
             )
-        _warn_broadcast_observations(self.prototype_trace)
-        self._init_potentials = {}
-        self._prototype_args = (args, kwargs)
-        others = [
-            n
-            for n, s in self.prototype_trace.items()
-            if s["type"] == "sample" and not s["is_observed"] and n not in self._lds_sites
-        ]
         if others:
             self._other = AutoNormal(
                 handlers.block(self.model, hide=list(self._lds_sites)),
