@@ -815,7 +815,10 @@ class LDSPosterior(_ChainDistribution):
     def _single_moments_and_log_q(cls, args, num_steps, schedule):
         # E_q log q = E_q[log prior + Σ log φ_t] − log Z.
         stats = cls._single_stats(args, num_steps, schedule)
-        log_q = expected_log_joint(stats.moments, *args) - stats.log_normalizer
+        log_q = (
+            expected_log_joint(stats.moments, *args, stats.potential_residuals)
+            - stats.log_normalizer
+        )
         return stats.moments, log_q
 
     @classmethod
@@ -825,7 +828,8 @@ class LDSPosterior(_ChainDistribution):
     @classmethod
     def _single_kl_to_prior(cls, args, num_steps, schedule):
         stats = cls._single_stats(args, num_steps, schedule)
-        return expected_potential_log_prob(stats.moments, args[1]) - stats.log_normalizer
+        expected = expected_potential_log_prob(stats.moments, args[1], stats.potential_residuals)
+        return expected - stats.log_normalizer
 
     @property
     def log_normalizer(self):

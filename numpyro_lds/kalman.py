@@ -453,6 +453,7 @@ class _Update(NamedTuple):
     log_lik: jnp.ndarray  # log N(y; H m, S), 0 where unobserved
     gain: jnp.ndarray  # K = P Hᵀ S⁻¹
     chol_S: jnp.ndarray  # S = H P Hᵀ + R
+    residual_map: jnp.ndarray  # I − K H (the identity where unobserved)
 
 
 def _is_diagonal(R, y):
@@ -495,8 +496,7 @@ def _condition(m, P, y, R, H, observed) -> _Update:
     diagonal = _is_diagonal(R, y)
     R_full = R[..., None] * jnp.eye(d, dtype=R.dtype) if diagonal else R
     chol_S = cholesky(_emit_cov(H, P) + R_full)
-    K = transpose(cho_solve(chol_S, _emit_left(H, P)))  # P Hᵀ S⁻¹
-    I_KH = jnp.eye(k, dtype=m.dtype) - _emit_right(K, H)
+    K, I_KH = _gain_and_residual_map(P, R, H, chol_S, diagonal)
     m_new = m + matvec(K, y - Hm)
     # Joseph form: a sum of two PSD terms, so P_new stays PSD under round-off.
     K_R_Kt = symmetrize(matmul(K * R[..., None, :], transpose(K))) if diagonal else quad_form(K, R)
@@ -509,7 +509,52 @@ def _condition(m, P, y, R, H, observed) -> _Update:
         jnp.where(observed, ll, 0.0),
         jnp.where(o_mat, K, 0.0),
         chol_S,
+        jnp.where(o_mat, I_KH, jnp.eye(k, dtype=m.dtype)),
     )
+
+
+def _gain_and_residual_map(P, R, H, chol_S, diagonal):
+    """The gain ``K = P Hᵀ S⁻¹`` and ``I − K H``, accurate however much more (or less)
+    precise a potential is than ``P`` along each axis (derivation, section 11).
+
+    Formed directly, ``I − K H`` loses every digit in the directions where
+    ``H P Hᵀ ≫ R``: there it is ``O(R / H P Hᵀ)``, a difference of numbers near 1.
+    Instead ``I − K H = (I + P Λ)⁻¹`` with ``Λ = Hᵀ R⁻¹ H`` the potential's precision
+    (Woodbury); for the identity ``H`` that is the ratio ``R S⁻¹`` (as ``S = P + R``),
+    otherwise an LU solve: elimination with partial pivoting does not see a scaling of
+    the columns, so a precision of ``10³⁰`` along an axis costs no digits.
+
+    The gain's rows are taken from whichever of two exact forms is accurate for their
+    state component: ``P Hᵀ S⁻¹`` where the potential is the less precise
+    (``(P Λ)_ii < 1``), and ``(I − K H) P Hᵀ R⁻¹`` (the updated covariance times
+    ``Hᵀ R⁻¹``; ``I − R S⁻¹`` for the identity) where it is the more precise: there
+    ``P Hᵀ S⁻¹`` loses the entries that vanish with ``R``. For a square ``H`` the choice
+    is made per entry (below).
+    """
+    k = P.shape[-1]
+    eye = jnp.eye(k, dtype=P.dtype)
+    K_direct = transpose(cho_solve(chol_S, _emit_left(H, P)))
+    if H is None:
+        S_inv = cho_solve(chol_S, jnp.broadcast_to(eye, chol_S.shape))
+        I_KH = R[..., :, None] * S_inv if diagonal else matmul(R, S_inv)
+        K_precise = eye - I_KH
+        R_diag = R if diagonal else jnp.diagonal(R, axis1=-2, axis2=-1)
+        precise = R_diag <= jnp.diagonal(P, axis1=-2, axis2=-1)
+    else:
+        R_inv_H = H / R[..., :, None] if diagonal else cho_solve(cholesky(R), H)
+        P_lam = matmul(P, symmetrize(matmul(transpose(H), R_inv_H)))
+        I_KH = jnp.linalg.solve(eye + P_lam, jnp.broadcast_to(eye, P.shape))
+        K_precise = matmul(matmul(I_KH, P), transpose(R_inv_H))
+        dominance = jnp.diagonal(P_lam, axis1=-2, axis2=-1)  # (P Λ)_ii
+        precise = dominance >= 1
+        if H.shape[-2] == k:
+            # Entry (i, j) of (I − K H) P Hᵀ R⁻¹ sums terms that cancel where component j
+            # is the more precise one (as P Hᵀ S⁻¹'s do where i is): each entry from the
+            # form that is accurate for it, reading potential j as component j (exact for
+            # a diagonal H, the axis-aligned case).
+            precise = precise[..., :, None] & (dominance[..., :, None] >= dominance[..., None, :])
+            return jnp.where(precise, K_precise, K_direct), I_KH
+    return jnp.where(precise[..., :, None], K_precise, K_direct), I_KH
 
 
 class _FilterElement(NamedTuple):
@@ -558,7 +603,6 @@ def _combine_filter(e1, e2):
 
 def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
     num_steps = y.shape[0]
-    k = chain.initial_mean.shape[-1]
     F, c, S = _transitions_along_time(chain, num_steps)
     if H is None:  # the identity
         H_first = H_rest = None
@@ -569,12 +613,11 @@ def _filter_elements(chain, y, R, H, mask) -> _FilterElement:
     u0 = _condition(m0, P0, y[0], R[0], H_first, mask[0])
     # Step t ≥ 2, given z_{t-1}: the prediction N(F z + c, S) conditioned on potential t.
     u = _condition(c, S, y[1:], R[1:], H_rest, mask[1:])
-    eye = jnp.eye(k, dtype=m0.dtype)
     V = solve_lower(u.chol_S, _emit_left(H_rest, F))  # S^{-1/2} H F, so J = VᵀV is PSD
     w = solve_lower_vec(u.chol_S, y[1:] - _emit(H_rest, c))
     o_vec, o_mat = mask[1:, None], mask[1:, None, None]
     steps = _FilterElement(
-        matmul(eye - _emit_right(u.gain, H_rest), F),
+        matmul(u.residual_map, F),
         u.mean,
         u.cov,
         jnp.where(o_mat, matmul(transpose(V), V), 0.0),
@@ -683,14 +726,16 @@ def _rts_gain(F, Pf, Pp):
 
 
 def _filter_tangent(
-    chain, potentials, filtered, F_dot, J_dot, h_dot, schedule, means_only=False
+    chain, potentials, filtered, F_dot, J_dot, node_information, schedule, means_only=False
 ) -> FilterResult:
     """Directional derivative of the filter's moments, written out (derivation, section 8).
 
     The direction: the transition matrices gain ``ε F_dot`` (``[T-1, k, k]``) and each
     step's filtered density is multiplied by ``exp(ε(−½zᵀJ_dot z + h_dotᵀz))``
-    (``J_dot [T, k, k]`` symmetric, ``h_dot [T, k]``); ``filtered`` is the filter at
-    ``ε = 0``. With ``K_t`` the gain, ``A_t = I − K_t H_t`` and
+    (``J_dot [T, k, k]`` symmetric, ``h_dot [T, k]``), given as ``J_dot`` and
+    ``node_information = h_dot − J_dot m^f`` (``[T, k]``, formed by the caller without
+    cancellation); ``filtered`` is the filter at ``ε = 0``. With ``K_t`` the gain,
+    ``A_t = I − K_t H_t`` and
     ``v_t = H_tᵀ S_t⁻¹ (y_t − H_t m^p_t)``, the Joseph-form update differentiates to
 
     - ``m^f′ = A (m^p′ + P^p′ v) + P^f (h_dot − J_dot m^f)``,
@@ -717,17 +762,17 @@ def _filter_tangent(
     # peak memory rose from 18.1 to 20.9 k × k matrices a step (k = 16, XLA's estimate).
     H_update = jnp.eye(k, dtype=mf.dtype)[None] if H is None else H
     update = _condition(mp, Pp, y, R, H_update, mask)
-    A = jnp.eye(k, dtype=mf.dtype) - _emit_right(update.gain, H)
+    A = update.residual_map
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)
     if means_only:
-        node_mean = matvec(Pf, h_dot)
+        node_mean = matvec(Pf, node_information)
         covs_dot, Pp_dot = jnp.zeros_like(Pf), jnp.zeros_like(Pf[1:])
         offset = node_mean[1:]
     else:
         S_inv_r = cho_solve(update.chol_S, (y - _emit(H, mp))[..., None])[..., 0]
         v = jnp.where(mask[:, None], _emit_transpose(H, S_inv_r), 0.0)
-        node_mean = matvec(Pf, h_dot - matvec(J_dot, mf))
+        node_mean = matvec(Pf, node_information)
         node_cov = quad_form(Pf, J_dot)
         # Step t-1 → t: the terms of the prediction's tangent that F_dot adds.
         pred_mean = matvec(F_dot, mf[:-1])
@@ -878,14 +923,20 @@ def _transition_residuals(moments, chain, tangent, weight):
     return F, C, F_P, e, e_dot, V
 
 
-def _node_residuals(moments, potentials, tangent, weight):
+def _node_residuals(moments, potentials, tangent, weight, residuals=None):
     """The potentials' ``P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``.
 
     ``V_w = H P_w Hᵀ``; for diagonal covariances only its diagonal ``[T, d]``.
+    ``residuals`` (``[T, d]``, from :func:`posterior_stats`) replace the value of
+    ``y − H m``, which has lost its digits where a potential pins ``H m`` to ``y``; the
+    derivative is still that of ``y − H m``.
     """
     y, R, H, _ = _masked_potentials(potentials)
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
     e = y - _emit(H, moments.means)
+    if residuals is not None:
+        # The value of ``residuals`` exactly, the derivative of ``e``.
+        e = residuals + (e - lax.stop_gradient(e))
     e_dot = None if tangent is None else -_emit(H, tangent.means)
     V = _emission_diagonal(H, P) if _is_diagonal(R, y) else _emit_cov(H, P)
     return P, e, e_dot, V
@@ -929,18 +980,34 @@ def _transition_scatter(chain, weight, e, e_dot, V):
     return _scatter(weight, e, e_dot, V, outer_sum), weight * e.shape[0]
 
 
-def _node_energies(moments, potentials, tangent=None, weight=1.0):
+def _node_energies(moments, potentials, tangent=None, weight=1.0, residuals=None):
     """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
     y, R, _, mask = _masked_potentials(potentials)
-    _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
+    _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight, residuals)
     if _is_diagonal(R, y):
         # Only the scatter's diagonal enters: −Σ_i S_ii / r_i / 2 − w Σ_i log(2π r_i) / 2.
         energy = -0.5 * sum_last(
-            _scatter_diagonal(weight, e, e_dot, V) / R + weight * jnp.log(2 * math.pi * R)
+            _over_variance(_scatter_diagonal(weight, e, e_dot, V), R)
+            + weight * jnp.log(2 * math.pi * R)
         )
     else:
         energy = gaussian_energy(_scatter(weight, e, e_dot, V), weight, R)
     return jnp.where(mask, energy, 0.0)
+
+
+@jax.custom_jvp
+def _over_variance(x, r):
+    """``x / r``, whose derivative in ``r`` is ``−(x / r) / r``: reverse mode's ``−x / r²``
+    overflows (float32) for ``r`` below about ``1e-19``, where ``x / r`` is still ``O(1)``."""
+    return x / r
+
+
+@_over_variance.defjvp
+def _over_variance_jvp(primals, tangents):
+    x, r = primals
+    x_dot, r_dot = tangents
+    ratio = x / r
+    return ratio, (x_dot - ratio * r_dot) / r
 
 
 def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
@@ -951,26 +1018,33 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
     This is Term C of ``docs/derivation.md``. Its gradient is written out (see
     :func:`_expected_log_density`).
     """
-    return _expected_log_density(moments, chain, None, False)
+    return _expected_log_density(moments, chain, None, None, False)
 
 
-def expected_potential_log_prob(moments: Moments, potentials: Potentials):
-    """``Σ_t mask_t E[log N(mean_t; H_t z_t, cov_t)]`` under a Gaussian with ``moments``."""
-    return jnp.sum(_node_energies(moments, potentials))
+def expected_potential_log_prob(moments: Moments, potentials: Potentials, residuals=None):
+    """``Σ_t mask_t E[log N(mean_t; H_t z_t, cov_t)]`` under a Gaussian with ``moments``.
+
+    ``residuals``: :attr:`PosteriorStats.potential_residuals` when ``moments`` are a
+    posterior's (``None``: the residuals ``y − H m`` as they are).
+    """
+    return jnp.sum(_node_energies(moments, potentials, residuals=residuals))
 
 
-def expected_log_joint(moments: Moments, chain: GaussMarkovChain, potentials: Potentials):
+def expected_log_joint(
+    moments: Moments, chain: GaussMarkovChain, potentials: Potentials, residuals=None
+):
     """``E[log prior(z) + Σ_t log φ_t(z_t)]`` under a Gaussian with ``moments``.
 
     Affine in the expected sufficient statistics ``E[z_t], E[z_t z_tᵀ], E[z_{t+1} z_tᵀ]``.
     For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``. Its gradient
-    is written out (see :func:`_expected_log_density`).
+    is written out (see :func:`_expected_log_density`). ``residuals`` as in
+    :func:`expected_potential_log_prob`.
     """
-    return _expected_log_density(moments, chain, potentials, True)
+    return _expected_log_density(moments, chain, potentials, residuals, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _expected_log_density(moments, chain, potentials, initial):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _expected_log_density(moments, chain, potentials, residuals, initial):
     """The transition terms, plus the initial term if ``initial`` and the potentials' if given.
 
     Its VJP is :func:`_expected_log_joint_along_grad` with the moments' gradient: every
@@ -979,27 +1053,40 @@ def _expected_log_density(moments, chain, potentials, initial):
     the same matrix at every step), where reverse mode would transpose and store every
     product of the value.
     """
-    return _expected_log_joint_along(moments, None, 1.0, chain, potentials, initial=initial)
+    return _expected_log_joint_along(
+        moments, None, 1.0, chain, potentials, initial=initial, residuals=residuals
+    )
 
 
-def _expected_log_density_fwd(moments, chain, potentials, initial):
-    value = _expected_log_density(moments, chain, potentials, initial)
-    return value, (moments, chain, potentials)
+def _expected_log_density_fwd(moments, chain, potentials, residuals, initial):
+    value = _expected_log_density(moments, chain, potentials, residuals, initial)
+    return value, (moments, chain, potentials, residuals)
 
 
 def _expected_log_density_bwd(initial, res, g):
-    moments, chain, potentials = res
+    moments, chain, potentials, residuals = res
     grads = _expected_log_joint_along_grad(
-        moments, None, 1.0, chain, potentials, initial=initial, moments_grad=True
+        moments,
+        None,
+        1.0,
+        chain,
+        potentials,
+        initial=initial,
+        moments_grad=True,
+        residuals=residuals,
     )
-    # Every gradient of the value is g times its gradient at g = 1.
-    return jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else g * x, grads)
+    # Every gradient of the value is g times its gradient at g = 1. The residuals only
+    # give the value of y − H m, whose derivative is in the others' gradients.
+    grads = jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else g * x, grads)
+    return (*grads, None if residuals is None else jnp.zeros_like(residuals))
 
 
 _expected_log_density.defvjp(_expected_log_density_fwd, _expected_log_density_bwd)
 
 
-def _expected_log_joint_along(moments, tangent, weight, chain, potentials, initial=True):
+def _expected_log_joint_along(
+    moments, tangent, weight, chain, potentials, initial=True, residuals=None
+):
     """``w · expected_log_joint(moments) + (its derivative along tangent)``, in one pass.
 
     Every term is ``E[log N(x; μ, Σ)] = −tr(Σ⁻¹ (V + e eᵀ))/2 − log det(2πΣ)/2`` with
@@ -1015,15 +1102,24 @@ def _expected_log_joint_along(moments, tangent, weight, chain, potentials, initi
     if initial:
         value = value + _initial_energy(moments, chain, tangent, weight)
     if potentials is not None:
-        value = value + jnp.sum(_node_energies(moments, potentials, tangent, weight))
+        value = value + jnp.sum(_node_energies(moments, potentials, tangent, weight, residuals))
     return value
 
 
 class PosteriorStats(NamedTuple):
-    """Smoothed moments (forward time) and log-normalizer of a conditioned chain."""
+    """Smoothed moments (forward time) and log-normalizer of a conditioned chain.
+
+    ``potential_residuals [T, d]``: ``y_t − H_t m_t`` (``m_t`` the smoothed mean),
+    accurate to its own size (:func:`_smoothed_residuals`). Where a potential is far more
+    precise than the prior's prediction, ``H_t m_t`` equals ``y_t`` up to rounding and
+    the plain difference is rounding error alone, which the potential's precision then
+    multiplies. Their cotangent is not used: the expectations that take them
+    differentiate ``y − H m`` itself.
+    """
 
     moments: Moments
     log_normalizer: jnp.ndarray
+    potential_residuals: jnp.ndarray
 
 
 def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="sequential"):
@@ -1093,10 +1189,37 @@ def _posterior_stats_fwd(chain, potentials, schedule, state):
 def _posterior_stats_fwd_traced(chain, potentials, schedule):
     filtered = _filter(chain, potentials, schedule)
     moments = _smoothed_moments(chain, filtered, schedule)
-    stats = _batched_with(PosteriorStats(moments, filtered.log_normalizer), (chain, potentials))
+    residuals = _smoothed_residuals(chain, potentials, filtered, moments.means)
+    stats = _batched_with(
+        PosteriorStats(moments, filtered.log_normalizer, residuals), (chain, potentials)
+    )
     # The filter is kept for the backward pass (two [T, k, k] arrays more than the
     # moments), which would otherwise run it again.
-    return stats, (chain, potentials, moments, filtered)
+    return stats, (chain, potentials, moments, filtered, stats.potential_residuals)
+
+
+def _smoothed_residuals(chain, potentials, filtered: FilterResult, smoothed_means):
+    """:attr:`PosteriorStats.potential_residuals`: ``y_t − H_t m_t`` for the smoothed
+    means ``m_t``, accurate to its own size (derivation, section 11), 0 at masked steps.
+
+    The filtered residual is a ratio, ``y − H m^f = (I − H K)(y − H m^p) = R S⁻¹ (y − H
+    m^p)``, and the smoother adds ``−H_t G_t (m_{t+1} − m^p_{t+1})``, whose gain rows along a
+    precise potential are as small as its covariance: neither subtracts numbers that
+    agree to many digits.
+    """
+    y, R, H, mask = _masked_potentials(potentials)
+    mp, Pp = filtered.predicted_means, filtered.predicted_covs
+    diagonal = _is_diagonal(R, y)
+    R_full = R[..., None] * jnp.eye(y.shape[-1], dtype=R.dtype) if diagonal else R
+    chol_S = cholesky(_emit_cov(H, Pp) + R_full)
+    S_inv_r = cho_solve(chol_S, (y - _emit(H, mp))[..., None])[..., 0]
+    e = R * S_inv_r if diagonal else matvec(R, S_inv_r)
+    F, _, _ = _transitions(chain)
+    G, _ = _rts_gain(F, filtered.filtered_covs[:-1], Pp[1:])
+    step = matvec(G, smoothed_means[1:] - mp[1:])
+    H_rest = None if H is None else (H if H.shape[0] == 1 else H[:-1])
+    e = e.at[:-1].add(-_emit(H_rest, step))
+    return jnp.where(mask[:, None], e, 0.0)
 
 
 def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, schedule="sequential"):
@@ -1227,42 +1350,64 @@ def _is_zero(x):
 
 
 def _posterior_stats_bwd_traced(schedule, res, cotangent):
-    chain, potentials, moments, filtered = res
-    moments_bar, log_z_bar = cotangent
+    chain, potentials, moments, filtered, residuals = res
+    # The residuals' cotangent is dropped: their users differentiate y − H m itself.
+    moments_bar, log_z_bar, _ = cotangent
     # Outputs that the caller does not differentiate come as symbolic zeros. Without a
     # moments' cotangent (log Z alone: a marginal likelihood) the gradient is the Fisher
     # identity's alone; without the covariances' (a draw, the means), the direction has no
     # quadratic part and the covariances' tangents are zero: neither is computed.
     weight = jnp.zeros((), moments.means.dtype) if _is_zero(log_z_bar) else log_z_bar
     if all(_is_zero(x) for x in moments_bar):
-        grads = _expected_log_joint_along_grad(moments, None, 1.0, chain, potentials)
+        grads = _expected_log_joint_along_grad(
+            moments, None, 1.0, chain, potentials, residuals=residuals
+        )
         return jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else weight * x, grads)
     means_only = _is_zero(moments_bar.covs) and _is_zero(moments_bar.cross_covs)
     pairs = zip(moments_bar, moments, strict=True)
     moments_bar = Moments(*(jnp.zeros_like(x) if _is_zero(b) else b for b, x in pairs))
     natural = _natural_from_moments(moments)
     # The cotangent as a direction in natural coordinates: log q gains
-    # ε (d_lin·z_t + z_tᵀ d_quad z_t + z_{t+1}ᵀ d_cross z_t).
-    d_lin, d_quad, d_cross = jax.vjp(_moments_from_natural, *natural)[1](moments_bar)
+    # ε (d_lin·z_t + z_tᵀ d_quad z_t + z_{t+1}ᵀ d_cross z_t), with
+    # d_lin = d_lin_rest − (d_quad + d_quadᵀ) m_t: the VJP is linear, and its part from the
+    # covariances' cotangent is that product alone (d_quad is that cotangent).
+    without_covs = moments_bar._replace(covs=jnp.zeros_like(moments_bar.covs))
+    d_lin_rest, _, d_cross = jax.vjp(_moments_from_natural, *natural)[1](without_covs)
+    d_quad = moments_bar.covs
     F, c, S = _transitions(chain)
     # The pairwise term enters as F → F + ε S d_cross, which adds ε z_{t+1}ᵀ d_cross z_t;
     # the node terms J, h cancel what that change adds on z_t alone.
     F_dot = matmul(S, d_cross)
     KtF = matmul(transpose(d_cross), F)
     J_dot = (-(d_quad + transpose(d_quad))).at[:-1].add(-(KtF + transpose(KtF)))
-    h_dot = d_lin.at[:-1].add(matvec(transpose(d_cross), c))
+    # h_dot − J_dot m^f, with m^f − m = −G (m_{t+1} − m^p_{t+1}) from the smoother's gains:
+    # formed as h_dot − J_dot m^f it is a difference of terms of size ‖d_quad m‖ (the
+    # precision of a potential times the mean), which cancel where a precise potential
+    # pins m^f and m to the same value (derivation, section 11).
+    mf, mp = filtered.filtered_means, filtered.predicted_means
+    G, _ = _rts_gain(F, filtered.filtered_covs[:-1], filtered.predicted_covs[1:])
+    filtered_minus_smoothed = _cat_last(
+        -matvec(G, moments.means[1:] - mp[1:]), jnp.zeros_like(mf[0])
+    )
+    node_information = (
+        (d_lin_rest + matvec(d_quad + transpose(d_quad), filtered_minus_smoothed))
+        .at[:-1]
+        .add(matvec(transpose(d_cross), c) + matvec(KtF + transpose(KtF), mf[:-1]))
+    )
     filtered_dot = _filter_tangent(
-        chain, potentials, filtered, F_dot, J_dot, h_dot, schedule, means_only
+        chain, potentials, filtered, F_dot, J_dot, node_information, schedule, means_only
     )
     moments_dot = _smoothed_tangent(
         chain, filtered, filtered_dot, F_dot, moments, schedule, means_only
     )
     moments_dot = jax.lax.stop_gradient(moments_dot)
-    return _expected_log_joint_along_grad(moments, moments_dot, weight, chain, potentials)
+    return _expected_log_joint_along_grad(
+        moments, moments_dot, weight, chain, potentials, residuals=residuals
+    )
 
 
 def _expected_log_joint_along_grad(
-    moments, tangent, weight, chain, potentials, initial=True, moments_grad=False
+    moments, tangent, weight, chain, potentials, initial=True, moments_grad=False, residuals=None
 ):
     """Gradient of :func:`_expected_log_joint_along` w.r.t. ``chain`` and ``potentials``
     (``None``: left out), and with ``moments_grad`` (only without a tangent) w.r.t. the
@@ -1330,7 +1475,7 @@ def _expected_log_joint_along_grad(
 
     # Potentials; masked steps contribute nothing.
     y, R, H, mask = _masked_potentials(potentials)
-    P_w, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight)
+    P_w, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight, residuals)
     on = mask.astype(dtype)
     if _is_diagonal(R, y):
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
@@ -1338,7 +1483,7 @@ def _expected_log_joint_along_grad(
         lam_vec = functools.partial(jnp.multiply, lam)
         lam_mat = functools.partial(jnp.multiply, lam[..., None])
         scatter = _scatter_diagonal(weight, e, e_dot, V)
-        g_R = 0.5 * on[:, None] * (lam * lam * scatter - weight * lam)
+        g_R = 0.5 * on[:, None] * lam * (lam * scatter - weight)  # no λ² (overflows)
     else:
         lam = precision_from_chol(cholesky(R))
         lam_vec, lam_mat = functools.partial(matvec, lam), functools.partial(matmul, lam)
