@@ -94,3 +94,47 @@ def blocks(mean, cov, T, k):
         [cov[(t + 1) * k : (t + 2) * k, t * k : (t + 1) * k] for t in range(T - 1)]
     ).reshape(T - 1, k, k)
     return means, covs, cross
+
+
+def kl_to_prior_information(m0, P0, A, b, Q, y, R, H, mask, against=None):
+    """``KL(q ‖ p)`` and ``H(q)`` for ``q = p`` conditioned on ``N(y_t; H_t z_t, R_t)``,
+    in information form: ``Λ_q = Λ_p + blockdiag(H_tᵀ R_t⁻¹ H_t)``. ``against``: another
+    prior's ``(m0, P0, A, b, Q)``, for ``KL(q ‖ against)`` instead.
+
+    Written with ``jax.numpy`` (differentiable, for gradients in float64). Unlike
+    :func:`condition_joint` it never subtracts a covariance from another, so it stays
+    exact where a potential is many orders of magnitude more (or less) precise than the
+    prior along an axis: Cholesky factors of such graded matrices keep their digits.
+    ``R [T, d, d]``, ``H [T, d, k]``, ``mask [T]``.
+    """
+    import jax.numpy as jnp
+    from jax.scipy.linalg import cho_solve
+
+    T, k = y.shape[0], len(m0)
+    mean_p, cov_p = prior_joint(m0, P0, A, b, Q, T)
+    lam_p = np.linalg.inv(cov_p)
+    lam_p = 0.5 * (lam_p + lam_p.T)
+    blocks_lam, blocks_h = [], []
+    for t in range(T):
+        r_inv_h = jnp.linalg.solve(R[t], H[t])
+        on = 1.0 if mask[t] else 0.0
+        blocks_lam.append(on * H[t].T @ r_inv_h)
+        blocks_h.append(on * r_inv_h.T @ y[t])
+    lam_phi = jnp.zeros((T * k, T * k))
+    for t in range(T):
+        lam_phi = lam_phi.at[t * k : (t + 1) * k, t * k : (t + 1) * k].set(blocks_lam[t])
+    lam_q = lam_p + lam_phi
+    chol_q = jnp.linalg.cholesky(lam_q)
+    cov_q = cho_solve((chol_q, True), jnp.eye(T * k))
+    mean_q = cho_solve((chol_q, True), lam_p @ mean_p + jnp.concatenate(blocks_h))
+    if against is not None:
+        mean_p, cov_p = prior_joint(*against, T)
+        lam_p = np.linalg.inv(cov_p)
+        lam_p = 0.5 * (lam_p + lam_p.T)
+    r = mean_q - mean_p
+    logdet_q = 2 * jnp.sum(jnp.log(jnp.diagonal(chol_q)))
+    logdet_p = np.linalg.slogdet(lam_p)[1]
+    n = T * k
+    kl = 0.5 * (jnp.trace(lam_p @ cov_q) + r @ lam_p @ r - n + logdet_q - logdet_p)
+    entropy = 0.5 * (n * np.log(2 * np.pi * np.e) - logdet_q)
+    return kl, entropy
