@@ -632,7 +632,10 @@ class LDSPosterior(_ChainDistribution):
       True
     """
 
+    # Every positional argument of the constructor has an entry (NumPyro's generic tests
+    # look each one up); the prior is a distribution, checked by its own constraints.
     arg_constraints = {
+        "prior": constraints.dependent,
         "potential_mean": constraints.independent(constraints.real, 2),
         "potential_cov": constraints.positive_definite,
         "potential_var": _finite_positive,
@@ -735,8 +738,15 @@ class LDSPosterior(_ChainDistribution):
         emission_matrix=None,
         mask=None,
     ):
-        """``(batch_shape, event_shape)`` from shapes; ``prior`` is the prior's pair of them."""
-        prior_batch, (T, k) = prior
+        """``(batch_shape, event_shape)`` from the arguments' shapes.
+
+        ``prior`` is the prior's shape ``batch_shape + (T, k)`` (``prior.shape()``, as
+        NumPyro passes a distribution argument's shape).
+        """
+        prior = tuple(prior)
+        if len(prior) < 2:
+            raise ValueError(f"prior's shape must be batch_shape + (T, k), got {prior}")
+        prior_batch, (T, k) = prior[:-2], prior[-2:]
         shapes = _posterior_shapes(
             prior_batch, T, k, potential_mean, potential_cov, potential_var, emission_matrix, mask
         )

@@ -52,7 +52,7 @@ def test_sample_and_log_prob_shapes(d, sample_shape):
 def test_infer_shapes(d):
     if isinstance(d, LDSPosterior):
         shapes = {
-            "prior": (d.prior.batch_shape, d.prior.event_shape),
+            "prior": d.prior.shape(),
             "potential_mean": d.potential_mean.shape,
         }
         for name, attr in [
