@@ -90,6 +90,7 @@ __all__ = [
     "expected_log_joint",
     "expected_potential_log_prob",
     "expected_transition_log_prob",
+    "forward_transition_residuals",
     "kalman_filter",
     "posterior_log_prob",
     "posterior_sample",
@@ -894,7 +895,7 @@ def _shared_dynamics(chain):
     return chain.transition_matrix.shape[0] == 1 and chain.transition_cov.shape[0] == 1
 
 
-def _transition_residuals(moments, chain, tangent, weight):
+def _transition_residuals(moments, chain, tangent, weight, transition=None):
     """The transition terms' ``F``, ``C_w``, ``F P_w`` (for the gradient) and ``e, ė, V_w``.
 
     ``e_t = m_{t+1} − F_t m_t − c_t``, ``ė_t = ṁ_{t+1} − F_t ṁ_t`` and
@@ -904,6 +905,8 @@ def _transition_residuals(moments, chain, tangent, weight):
     the steps, ``Σ V_t = Σ P_{t+1} − (Σ C_t) Fᵀ − F (Σ C_t)ᵀ + F (Σ P_t) Fᵀ``: ``C_w``,
     ``F P_w`` and ``V_w`` are then those sums (time axis 1). No ``k × k`` product is formed
     per step, and no ``[T, k, k]`` temporary (three per transition term otherwise).
+    ``transition``: ``(e, V)`` from :func:`forward_transition_residuals`, whose values
+    replace these (without a tangent only).
     """
     F, c, _ = _transitions(chain)
     m = moments.means
@@ -920,6 +923,8 @@ def _transition_residuals(moments, chain, tangent, weight):
     V = P_next - CFt - transpose(CFt) + symmetrize(matmul(F_P, transpose(F)))
     e = m[1:] - matvec(F, m[:-1]) - c
     e_dot = None if tangent is None else tangent.means[1:] - matvec(F, tangent.means[:-1])
+    if transition is not None:  # values without cancellation: forward_transition_residuals
+        e, V = transition
     return F, C, F_P, e, e_dot, V
 
 
@@ -963,9 +968,9 @@ def _initial_energy(moments, chain, tangent=None, weight=1.0):
     return gaussian_energy(scatter, weight, symmetrize(chain.initial_cov))
 
 
-def _transition_energies(moments, chain, tangent=None, weight=1.0):
+def _transition_energies(moments, chain, tangent=None, weight=1.0, transition=None):
     """``E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` per step (weighted, plus tangent)."""
-    *_, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
+    *_, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight, transition)
     # The covariance keeps its time axis of 1 when shared: factored once.
     scatter, scatter_weight = _transition_scatter(chain, weight, e, e_dot, V)
     return gaussian_energy(scatter, scatter_weight, symmetrize(chain.transition_cov))
@@ -1010,15 +1015,39 @@ def _over_variance_jvp(primals, tangents):
     return ratio, (x_dot - ratio * r_dot) / r
 
 
-def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain):
+def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain, transition=None):
     """``Σ_t E[log N(z_{t+1}; F_t z_t + c_t, S_t)]`` under a Gaussian with ``moments``.
 
     With ``e_t = z_{t+1} − F_t z_t − c_t``: ``E[e_t] = m_{t+1} − F_t m_t − c_t`` and
     ``Cov(e_t) = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ`` (``C_t = Cov(z_{t+1}, z_t)``).
     This is Term C of ``docs/derivation.md``. Its gradient is written out (see
-    :func:`_expected_log_density`).
+    :func:`_expected_log_density`). ``transition``: :func:`forward_transition_residuals`
+    of the chain the moments are of, when it runs forward (``None``: from the moments).
     """
-    return _expected_log_density(moments, chain, None, None, False)
+    return _expected_log_density(moments, chain, None, None, transition, False)
+
+
+def forward_transition_residuals(q_chain: GaussMarkovChain, moments: Moments, chain):
+    """``E[e_t]`` and ``Cov(e_t)`` of ``e_t = z_{t+1} − F_t z_t − c_t`` under a forward
+    chain ``q_chain`` with ``moments``, without cancellation (derivation, section 11).
+
+    From the moments, ``Cov(e_t) = P_{t+1} − C_t Fᵀ − F C_tᵀ + F P_t Fᵀ`` is a difference
+    of terms of the size of ``P``, which in a near-unit-root chain exceeds the result by
+    the joint condition number; under ``q``'s own transition it is
+    ``(F_q − F) P_t (F_q − F)ᵀ + S_q`` and ``E[e_t] = (F_q − F) m_t + c_q − c``: sums of
+    terms no larger than the result where ``q`` and ``chain`` are alike. ``V`` is summed
+    over the steps where ``chain``'s dynamics are shared (see
+    :func:`_transition_residuals`).
+    """
+    F_q, c_q, S_q = _transitions(q_chain)
+    F, c, _ = _transitions(chain)
+    D = F_q - F
+    m, P = moments.means[:-1], moments.covs[:-1]
+    e = matvec(D, m) + c_q - c
+    V = jnp.broadcast_to(quad_form(D, P) + symmetrize(S_q), P.shape)
+    if _shared_dynamics(chain):
+        V = jnp.sum(V, axis=0, keepdims=True)
+    return e, V
 
 
 def expected_potential_log_prob(moments: Moments, potentials: Potentials, residuals=None):
@@ -1040,11 +1069,11 @@ def expected_log_joint(
     is written out (see :func:`_expected_log_density`). ``residuals`` as in
     :func:`expected_potential_log_prob`.
     """
-    return _expected_log_density(moments, chain, potentials, residuals, True)
+    return _expected_log_density(moments, chain, potentials, residuals, None, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _expected_log_density(moments, chain, potentials, residuals, initial):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _expected_log_density(moments, chain, potentials, residuals, transition, initial):
     """The transition terms, plus the initial term if ``initial`` and the potentials' if given.
 
     Its VJP is :func:`_expected_log_joint_along_grad` with the moments' gradient: every
@@ -1054,17 +1083,24 @@ def _expected_log_density(moments, chain, potentials, residuals, initial):
     product of the value.
     """
     return _expected_log_joint_along(
-        moments, None, 1.0, chain, potentials, initial=initial, residuals=residuals
+        moments,
+        None,
+        1.0,
+        chain,
+        potentials,
+        initial=initial,
+        residuals=residuals,
+        transition=transition,
     )
 
 
-def _expected_log_density_fwd(moments, chain, potentials, residuals, initial):
-    value = _expected_log_density(moments, chain, potentials, residuals, initial)
-    return value, (moments, chain, potentials, residuals)
+def _expected_log_density_fwd(moments, chain, potentials, residuals, transition, initial):
+    value = _expected_log_density(moments, chain, potentials, residuals, transition, initial)
+    return value, (moments, chain, potentials, residuals, transition)
 
 
 def _expected_log_density_bwd(initial, res, g):
-    moments, chain, potentials, residuals = res
+    moments, chain, potentials, residuals, transition = res
     grads = _expected_log_joint_along_grad(
         moments,
         None,
@@ -1074,18 +1110,20 @@ def _expected_log_density_bwd(initial, res, g):
         initial=initial,
         moments_grad=True,
         residuals=residuals,
+        transition=transition,
     )
     # Every gradient of the value is g times its gradient at g = 1. The residuals only
     # give the value of y − H m, whose derivative is in the others' gradients.
     grads = jax.tree.map(lambda x: x if x.dtype == jax.dtypes.float0 else g * x, grads)
-    return (*grads, None if residuals is None else jnp.zeros_like(residuals))
+    zeros = jax.tree.map(jnp.zeros_like, (residuals, transition))
+    return (*grads, *zeros)
 
 
 _expected_log_density.defvjp(_expected_log_density_fwd, _expected_log_density_bwd)
 
 
 def _expected_log_joint_along(
-    moments, tangent, weight, chain, potentials, initial=True, residuals=None
+    moments, tangent, weight, chain, potentials, initial=True, residuals=None, transition=None
 ):
     """``w · expected_log_joint(moments) + (its derivative along tangent)``, in one pass.
 
@@ -1098,7 +1136,7 @@ def _expected_log_joint_along(
     weight is then 1); without ``initial`` or ``potentials`` those terms are left out.
     """
     weight = jnp.asarray(weight, moments.means.dtype)
-    value = jnp.sum(_transition_energies(moments, chain, tangent, weight))
+    value = jnp.sum(_transition_energies(moments, chain, tangent, weight, transition))
     if initial:
         value = value + _initial_energy(moments, chain, tangent, weight)
     if potentials is not None:
@@ -1407,7 +1445,15 @@ def _posterior_stats_bwd_traced(schedule, res, cotangent):
 
 
 def _expected_log_joint_along_grad(
-    moments, tangent, weight, chain, potentials, initial=True, moments_grad=False, residuals=None
+    moments,
+    tangent,
+    weight,
+    chain,
+    potentials,
+    initial=True,
+    moments_grad=False,
+    residuals=None,
+    transition=None,
 ):
     """Gradient of :func:`_expected_log_joint_along` w.r.t. ``chain`` and ``potentials``
     (``None``: left out), and with ``moments_grad`` (only without a tangent) w.r.t. the
@@ -1439,7 +1485,7 @@ def _expected_log_joint_along_grad(
         g_initial_cov = jnp.zeros_like(chain.initial_cov)
 
     # Transitions.
-    F, C_w, F_P, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight)
+    F, C_w, F_P, e, e_dot, V = _transition_residuals(moments, chain, tangent, weight, transition)
     lam = precision_from_chol(cholesky(chain.transition_cov))
     r = matvec(lam, _along(weight, e, e_dot))
     # Per step, or summed over the steps with shared dynamics (C_w, F P_w are sums then).

@@ -25,6 +25,7 @@ from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace, _C
 from numpyro_lds.kalman import (
     chain_moments,
     expected_transition_log_prob,
+    forward_transition_residuals,
     resolve_schedule,
     reverse_moments,
 )
@@ -89,8 +90,13 @@ def _single_kl_terms(q_cls, p_cls, q_args, p_args, num_steps, schedule) -> KLTer
         ) + expected_transition_log_prob(q_rev, p_chain)
         log_p1 = expected_mvn_log_prob(q_moments.means[0], q_moments.covs[0], p1_mean, chol_p1)
         term_c = log_p_joint - log_p1
-    else:
+    elif q_cls._chain_reversed:
         term_c = expected_transition_log_prob(q_moments, p_chain)
+    else:
+        # Both run forward: Term C's residuals from q's own transitions (no cancellation).
+        q_chain = q_cls._single_chain(q_args, num_steps, schedule)
+        transition = forward_transition_residuals(q_chain, q_moments, p_chain)
+        term_c = expected_transition_log_prob(q_moments, p_chain, transition)
     return KLTerms(term_a, term_b, term_c)
 
 

@@ -188,3 +188,33 @@ def test_the_reported_case_is_right_in_float32_on_every_schedule(variance, sched
     assert abs(float(q.kl_to_prior()) - kl_ref) <= 1e-3 * kl_ref
     assert abs(float(kl_terms(q, prior32).kl) - kl_ref) <= 1e-3 * kl_ref
     assert abs(float(q.entropy()) - entropy_ref) <= 1e-3 * abs(entropy_ref)
+
+
+@pytest.mark.parametrize("process_var, damping", [(1e-4, 0.999), (1e-6, 0.9999), (1e-8, 1.0)])
+def test_kl_between_near_unit_root_priors_in_float32(process_var, damping):
+    """Prior against prior, joint condition number up to 1.7e10 (``T = 50``).
+
+    Term C's residual covariance from the moments, ``P_{t+1} − C Fᵀ − F Cᵀ + F P Fᵀ``, is a
+    difference of terms ``1e10`` times its size here; from ``q``'s own transitions it has
+    no cancellation. Float32 within 1e-3 of the dense float64 KL; a prior against a copy of
+    itself gives 0.
+    """
+    steps = 50
+    rot = np.array([[np.cos(0.1), -np.sin(0.1)], [np.sin(0.1), np.cos(0.1)]])
+    q_args = (np.ones(K), np.eye(K), damping * rot, process_var * np.eye(K), np.zeros(K))
+    shear = np.array([[1.0, 1e-3], [0.0, 1.0]])
+    p_args = (np.ones(K), 1.1 * np.eye(K), damping * rot @ shear, 1.3 * process_var * np.eye(K))
+    p_args = p_args + (np.zeros(K),)
+    joint = [
+        ref.prior_joint(m0, P0, A[None], b[None], Q[None], steps)
+        for m0, P0, A, Q, b in (q_args, p_args)
+    ]
+    want = ref.mvn_kl(*joint[0], *joint[1])
+
+    def prior(args):
+        m0, P0, A, Q, b = (jnp.asarray(x, jnp.float32) for x in args)
+        return LinearGaussianStateSpace(m0, P0, A, Q, b, num_steps=steps)
+
+    have = float(kl_terms(prior(q_args), prior(p_args)).kl)
+    assert abs(have - want) <= 1e-3 * max(1.0, want), (have, want)
+    assert float(kl_terms(prior(q_args), prior(q_args)).kl) == pytest.approx(0.0, abs=1e-3)
