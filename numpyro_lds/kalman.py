@@ -53,6 +53,7 @@ from numpyro_lds.linalg import (
     cholesky,
     gaussian_energy,
     gaussian_energy_cov_grad,
+    inverse,
     logdet_from_chol,
     matmul,
     matvec,
@@ -523,7 +524,8 @@ def _gain_and_residual_map(P, R, H, chol_S, diagonal):
     Instead ``I − K H = (I + P Λ)⁻¹`` with ``Λ = Hᵀ R⁻¹ H`` the potential's precision
     (Woodbury); for the identity ``H`` that is the ratio ``R S⁻¹`` (as ``S = P + R``),
     otherwise an LU solve: elimination with partial pivoting does not see a scaling of
-    the columns, so a precision of ``10³⁰`` along an axis costs no digits.
+    the columns, so a precision of ``10³⁰`` along an axis costs no digits
+    (:func:`~numpyro_lds.linalg.inverse`).
 
     The gain's rows are taken from whichever of two exact forms is accurate for their
     state component: ``P Hᵀ S⁻¹`` where the potential is the less precise
@@ -534,17 +536,17 @@ def _gain_and_residual_map(P, R, H, chol_S, diagonal):
     """
     k = P.shape[-1]
     eye = jnp.eye(k, dtype=P.dtype)
-    K_direct = transpose(cho_solve(chol_S, _emit_left(H, P)))
     if H is None:
         S_inv = cho_solve(chol_S, jnp.broadcast_to(eye, chol_S.shape))
         I_KH = R[..., :, None] * S_inv if diagonal else matmul(R, S_inv)
-        K_precise = eye - I_KH
+        K_direct, K_precise = matmul(P, S_inv), eye - I_KH
         R_diag = R if diagonal else jnp.diagonal(R, axis1=-2, axis2=-1)
         precise = R_diag <= jnp.diagonal(P, axis1=-2, axis2=-1)
     else:
+        K_direct = transpose(cho_solve(chol_S, _emit_left(H, P)))
         R_inv_H = H / R[..., :, None] if diagonal else cho_solve(cholesky(R), H)
         P_lam = matmul(P, symmetrize(matmul(transpose(H), R_inv_H)))
-        I_KH = jnp.linalg.solve(eye + P_lam, jnp.broadcast_to(eye, P.shape))
+        I_KH = inverse(eye + P_lam)
         K_precise = matmul(matmul(I_KH, P), transpose(R_inv_H))
         dominance = jnp.diagonal(P_lam, axis1=-2, axis2=-1)  # (P Λ)_ii
         precise = dominance >= 1
@@ -756,13 +758,9 @@ def _filter_tangent(
     F, _, _ = _transitions(chain)
     mp, Pp = filtered.predicted_means, filtered.predicted_covs
     mf, Pf = filtered.filtered_means, filtered.filtered_covs
-    # The update's gain (0 at unobserved steps) and innovation factor, for all steps at
-    # once; the updated moments it also returns are unused (and dropped by XLA). Here the
-    # identity emission is an explicit H = I: with none, the gain's solve has the
-    # predicted covariances themselves as its right-hand side, and the KL + gradient's
-    # peak memory rose from 18.1 to 20.9 k × k matrices a step (k = 16, XLA's estimate).
-    H_update = jnp.eye(k, dtype=mf.dtype)[None] if H is None else H
-    update = _condition(mp, Pp, y, R, H_update, mask)
+    # The update's residual map and innovation factor, for all steps at once; the updated
+    # moments it also returns are unused (and dropped by XLA).
+    update = _condition(mp, Pp, y, R, H, mask)
     A = update.residual_map
     M = matmul(A[1:], F)
     zeros = jnp.zeros_like(mf)

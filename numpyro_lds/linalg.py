@@ -88,6 +88,43 @@ def _solve_lower_unrolled(chol, b, transpose_a=False):
     return jnp.stack(x, -2)
 
 
+def _inverse_unrolled(a):
+    """Gauss–Jordan elimination with partial pivoting, in unrolled elementwise operations.
+
+    Each column's pivot is the largest entry on or below the diagonal (selected by
+    ``argmax``, the rows swapped by ``where``): as LAPACK's ``getrf``, unchanged by a
+    scaling of the columns, and without its per-matrix call in a scan's body.
+    """
+    k = a.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), a.shape)
+    rows = [jnp.concatenate([a[..., i, :], eye[..., i, :]], -1) for i in range(k)]
+    for j in range(k):
+        below = jnp.stack([jnp.abs(rows[i][..., j]) for i in range(j, k)], -1)
+        choice = jnp.argmax(below, axis=-1)
+        picked = [(choice == i - j)[..., None] for i in range(j, k)]
+        pivot_row = sum(
+            (jnp.where(p, rows[i], 0.0) for p, i in zip(picked, range(j, k), strict=True)), 0.0
+        )
+        for p, i in zip(picked[1:], range(j + 1, k), strict=True):
+            rows[i] = jnp.where(p, rows[j], rows[i])
+        rows[j] = pivot_row / pivot_row[..., j, None]
+        for i in range(k):
+            if i != j:
+                rows[i] = rows[i] - rows[i][..., j, None] * rows[j]
+    return jnp.stack([r[..., k:] for r in rows], -2)
+
+
+def inverse(a):
+    """``a⁻¹`` for square, not necessarily symmetric ``a [..., k, k]``, by elimination with
+    partial pivoting (unrolled for ``k <= UNROLL_MAX_K``, LAPACK above, one matrix at a
+    time on CPU as :func:`cholesky`)."""
+    if a.shape[-1] <= UNROLL_MAX_K:
+        return _inverse_unrolled(a)
+    if jax.default_backend() == "cpu" and a.ndim > 2:
+        return _per_matrix(jnp.linalg.inv, a)
+    return jnp.linalg.inv(a)
+
+
 def transpose(a):
     """Swap the last two axes."""
     return jnp.swapaxes(a, -1, -2)
