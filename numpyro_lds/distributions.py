@@ -641,7 +641,14 @@ class LDSPosterior(_ChainDistribution):
         "potential_var": _finite_positive,
         "emission_matrix": constraints.real,
     }
-    reparametrized_params = ["potential_mean", "potential_cov", "potential_var", "emission_matrix"]
+    # The draw is differentiable in the prior too (a prior path plus a smoothed mean).
+    reparametrized_params = [
+        "prior",
+        "potential_mean",
+        "potential_cov",
+        "potential_var",
+        "emission_matrix",
+    ]
     pytree_data_fields = (
         "prior",
         "potential_mean",

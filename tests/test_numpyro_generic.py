@@ -152,3 +152,13 @@ def test_dist_pytree(cls, make, batch):
             strict=True,
         ):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cls, make, batch", CASES)
+def test_has_rsample(cls, make, batch):
+    """NumPyro reads ``has_rsample`` as ``reparametrized_params == arg_constraints``; the
+    ELBOs then take the draws' gradients (``rsample``)."""
+    d = cls(*make(np.random.default_rng(0), batch))
+    assert d.has_rsample
+    z = d.rsample(random.PRNGKey(0))
+    assert z.shape == d.batch_shape + d.event_shape
