@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_lds import kalman, linalg
+from numpyro_lds import linalg, schedules
 from numpyro_lds._batch import batch_map
 
 # (label, k, T, batch, fraction of dynamax's smoother the target allows)
@@ -67,7 +67,7 @@ def filter_floor(F, S, P0):
         P = linalg.symmetrize(P - linalg.matmul(linalg.transpose(W), W))
         return P, P
 
-    return lambda r: kalman._scan(step, P0, r, r.shape[0])[1]
+    return lambda r: schedules.scan_steps(step, P0, r, r.shape[0])[1]
 
 
 def affine_floor(X0):
@@ -78,7 +78,7 @@ def affine_floor(X0):
         X = linalg.quad_form(G, X) + L
         return X, X
 
-    return lambda G, L: kalman._scan(step, X0, (G, L), G.shape[0])[1]
+    return lambda G, L: schedules.scan_steps(step, X0, (G, L), G.shape[0])[1]
 
 
 def batched(fn, *event_ndims):

@@ -1,7 +1,7 @@
 """Ways to run the parallel schedule's prefix scan, timed side by side (for a GPU).
 
-``schedule="parallel"`` runs every recursion through ``kalman.prefix_scan``, which combines
-the per-step elements by recursive doubling in blocks of ``kalman.PARALLEL_BLOCK`` and then
+``schedule="parallel"`` runs every recursion through ``schedules.prefix_scan``, which combines
+the per-step elements by recursive doubling in blocks of ``schedules.PARALLEL_BLOCK`` and then
 across the block totals ("two-level", the shipped code). This script times the KL value +
 gradient (against a separately built prior: Terms A-C, as SVI computes it; float32; the
 problem of ``gpu_check.py``) with ``prefix_scan``'s parallel branch replaced by each of:
@@ -29,22 +29,22 @@ VARIANTS = ("two-level", "associative", "doubling", "hybrid")
 
 
 def patch(variant):
-    """Replace ``kalman.prefix_scan``'s parallel branch by ``variant``."""
+    """Replace ``schedules.prefix_scan``'s parallel branch by ``variant``."""
     import jax
     from jax import lax
 
-    from numpyro_lds import kalman
+    from numpyro_lds import chains, kalman, schedules
 
-    shipped = kalman.prefix_scan
+    shipped = schedules.prefix_scan
 
     def whole(op, elems, n):
         if variant == "associative":
             return lax.associative_scan(op, elems)
-        return kalman._doubling_prefix_scan(op, elems)
+        return schedules._doubling_prefix_scan(op, elems)
 
     def hybrid(op, elems, n):
-        return kalman._two_level_prefix_scan(
-            op, elems, n, 32, lax.associative_scan, kalman._doubling_prefix_scan
+        return schedules._two_level_prefix_scan(
+            op, elems, n, 32, lax.associative_scan, schedules._doubling_prefix_scan
         )
 
     def prefix_scan(op, elems, schedule):
@@ -55,7 +55,9 @@ def patch(variant):
             return hybrid(op, elems, n)
         return whole(op, elems, n)
 
-    kalman.prefix_scan = prefix_scan
+    # Every module that folds a recursion imported the name: patch it there.
+    for module in (schedules, chains, kalman):
+        module.prefix_scan = prefix_scan
 
 
 def run_variant(args):

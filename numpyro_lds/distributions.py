@@ -15,25 +15,21 @@ from numpyro.distributions.distribution import Distribution
 from numpyro.distributions.util import validate_sample
 
 from numpyro_lds._batch import jit_batch_map
-from numpyro_lds.kalman import (
+from numpyro_lds.chains import (
     GaussMarkovChain,
     Moments,
-    Potentials,
     chain_entropy,
     chain_log_prob,
     chain_moments,
     chain_sample,
-    check_schedule,
-    condition_on_potentials,
-    expected_log_joint,
-    expected_potential_log_prob,
-    posterior_log_prob,
-    posterior_sample,
-    posterior_stats,
-    resolve_schedule,
     reverse_moments,
 )
+from numpyro_lds.expectations import expected_log_joint, expected_potential_log_prob
+from numpyro_lds.kalman import condition_on_potentials
 from numpyro_lds.linalg import tracing
+from numpyro_lds.posterior import posterior_log_prob, posterior_sample, posterior_stats
+from numpyro_lds.potentials import Potentials
+from numpyro_lds.schedules import check_schedule, resolve_schedule
 
 __all__ = ["LDSPosterior", "LinearGaussianStateSpace"]
 
@@ -586,7 +582,7 @@ class LDSPosterior(_ChainDistribution):
     ``potential_cov`` (or ``diag(potential_var)``). The potentials are free parameters or
     an encoder's outputs (the structured VAE of Johnson et al. 2016). Moments come from a
     Kalman filter and RTS smoother; samples from Durbin & Koopman's simulation smoother (a
-    prior path plus a smoothed mean: :func:`numpyro_lds.kalman.posterior_sample`),
+    prior path plus a smoothed mean: :func:`numpyro_lds.posterior.posterior_sample`),
     reparametrized and differentiable in every input.
 
     Shapes:
@@ -777,7 +773,7 @@ class LDSPosterior(_ChainDistribution):
     def _core_args(self):
         chain, chain_ndims = self.prior._core_args()
         ndims = _POTENTIAL_NDIMS if self.potential_var is None else _DIAGONAL_POTENTIAL_NDIMS
-        if self.emission_matrix is None:  # the identity: kalman.Potentials
+        if self.emission_matrix is None:  # the identity: potentials.Potentials
             ndims = ndims._replace(emission_matrix=None)
         return (chain, self._potentials()), (chain_ndims, ndims)
 
@@ -809,7 +805,7 @@ class LDSPosterior(_ChainDistribution):
 
         The value is the backward chain's; its gradient (also w.r.t. ``value``) is written
         out, without reverse mode through the filter (see
-        :func:`numpyro_lds.kalman.posterior_log_prob`).
+        :func:`numpyro_lds.posterior.posterior_log_prob`).
         """
         value = self._checked_value(value)
         shape = lax.broadcast_shapes(value.shape[:-2], self.batch_shape)

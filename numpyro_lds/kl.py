@@ -21,15 +21,11 @@ from jax import lax
 from numpyro.distributions.kl import kl_divergence
 
 from numpyro_lds._batch import jit_batch_map
+from numpyro_lds.chains import chain_moments, reverse_moments
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace, _ChainDistribution
-from numpyro_lds.kalman import (
-    chain_moments,
-    expected_transition_log_prob,
-    forward_transition_residuals,
-    resolve_schedule,
-    reverse_moments,
-)
+from numpyro_lds.expectations import expected_transition_log_prob, forward_transition_residuals
 from numpyro_lds.linalg import cholesky, expected_mvn_log_prob, mvn_entropy, mvn_kl
+from numpyro_lds.schedules import resolve_schedule
 
 __all__ = ["KLTerms", "kl_terms"]
 

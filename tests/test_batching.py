@@ -5,7 +5,7 @@ variances: a Kalman smoother over many series with one noise model), the smoothe
 covariances are the same for every sequence. Under ``vmap`` JAX then leaves them
 unbatched inside the custom VJP of ``posterior_stats``, and handed the summed cotangent of
 such an output to every member's backward pass: every gradient through the covariances
-was counted once per sequence (``kalman._batched_with``). The reference here is the sum
+was counted once per sequence (``posterior._batched_with``). The reference here is the sum
 of the per-sequence gradients, each computed unbatched (those are checked against finite
 differences and the dense Gaussian in the other test files), and finite-difference checks
 of the batched gradient itself: the KL, a draw, the log-density of fixed paths.

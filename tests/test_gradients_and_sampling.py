@@ -257,12 +257,9 @@ def _check_custom_vjp_against_reverse_mode(schedule, shared, diagonal, outputs):
     schedules compute the same function (their values are checked against the dense
     Gaussian in tests/test_schedules.py), and reverse mode through the blocked and
     parallel scans took 35-47 s to compile here, a tenth of the suite's time."""
-    from numpyro_lds.kalman import (
-        GaussMarkovChain,
-        Potentials,
-        _posterior_stats,
-        posterior_stats,
-    )
+    from numpyro_lds.chains import GaussMarkovChain
+    from numpyro_lds.posterior import _posterior_stats, posterior_stats
+    from numpyro_lds.potentials import Potentials
 
     rng = np.random.default_rng(1)
     T, k, d = 18, 3, 2
@@ -314,7 +311,8 @@ def _random_log_joint_inputs(rng, shared, diagonal, T=9, k=3, d=2):
 
     The moments need not be consistent with anything: the expression is affine in them.
     """
-    from numpyro_lds.kalman import GaussMarkovChain, Moments, Potentials
+    from numpyro_lds.chains import GaussMarkovChain, Moments
+    from numpyro_lds.potentials import Potentials
 
     n = 1 if shared else T - 1
 
@@ -352,12 +350,9 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
     the dynamics and the potentials, is written out; against reverse mode of the same
     expression, with shared or per-step dynamics and emission matrices, d ≠ k, masks, and
     full or diagonal (variances ``[T, d]``) potential covariances."""
-    from numpyro_lds.kalman import (
-        Moments,
-        Potentials,
-        _expected_log_joint_along,
-        _expected_log_joint_along_grad,
-    )
+    from numpyro_lds.chains import Moments
+    from numpyro_lds.expectations import expected_log_joint_along, expected_log_joint_along_grad
+    from numpyro_lds.potentials import Potentials
 
     rng = np.random.default_rng(2)
     chain, pot, moments = _random_log_joint_inputs(rng, shared, diagonal)
@@ -371,12 +366,12 @@ def test_written_out_surrogate_gradient_equals_reverse_mode(shared, diagonal):
 
     def surrogate(chain, mean, cov, emission):
         pot_ = Potentials(mean, cov, emission, pot.mask)
-        return _expected_log_joint_along(moments, tangent, weight, chain, pot_)
+        return expected_log_joint_along(moments, tangent, weight, chain, pot_)
 
     want_chain, *want_pot = jax.grad(surrogate, argnums=(0, 1, 2, 3))(
         chain, pot.mean, pot.cov, pot.emission_matrix
     )
-    have_chain, have_pot = _expected_log_joint_along_grad(moments, tangent, weight, chain, pot)
+    have_chain, have_pot = expected_log_joint_along_grad(moments, tangent, weight, chain, pot)
     _assert_trees_close((have_chain, list(have_pot[:3])), (want_chain, want_pot))
 
 
@@ -387,12 +382,12 @@ def test_expected_log_density_vjp_equals_reverse_mode(shared, diagonal, terms):
     """``expected_log_joint`` and ``expected_transition_log_prob`` (Term C) have a written-out
     VJP, also w.r.t. the moments (which carry the KL's gradient into the posterior's custom
     VJP); against reverse mode of the plain expression, for every input, at a cotangent ≠ 1."""
-    from numpyro_lds.kalman import (
-        Potentials,
-        _expected_log_joint_along,
+    from numpyro_lds.expectations import (
         expected_log_joint,
+        expected_log_joint_along,
         expected_transition_log_prob,
     )
+    from numpyro_lds.potentials import Potentials
 
     rng = np.random.default_rng(3)
     chain, pot, moments = _random_log_joint_inputs(rng, shared, diagonal)
@@ -405,10 +400,10 @@ def test_expected_log_density_vjp_equals_reverse_mode(shared, diagonal, terms):
 
     if terms == "log_joint":
         have_fn = expected_log_joint
-        want_fn = lambda m, c, p: _expected_log_joint_along(m, None, 1.0, c, p)  # noqa: E731
+        want_fn = lambda m, c, p: expected_log_joint_along(m, None, 1.0, c, p)  # noqa: E731
     else:
         have_fn = lambda m, c, p: expected_transition_log_prob(m, c)  # noqa: E731
-        want_fn = lambda m, c, p: _expected_log_joint_along(m, None, 1.0, c, None, False)  # noqa: E731
+        want_fn = lambda m, c, p: expected_log_joint_along(m, None, 1.0, c, None, False)  # noqa: E731
     args = (moments, chain, pot.mean, pot.cov, pot.emission_matrix)
     have = jax.value_and_grad(with_potentials(have_fn), argnums=(0, 1, 2, 3, 4))(*args)
     want = jax.value_and_grad(with_potentials(want_fn), argnums=(0, 1, 2, 3, 4))(*args)

@@ -157,27 +157,31 @@ def test_custom_vjp_rules_are_traced_under_the_declarations_of_the_call(fn, monk
     # when it transposes, after the caller's `tracing` block has exited: both must see the
     # declarations in force at the call (a vmapped sequence's scans otherwise take the
     # single-matrix forms, which cost 1.25-1.35x at batch 64).
-    from numpyro_lds import kalman
+    from numpyro_lds import posterior
+    from numpyro_lds.chains import GaussMarkovChain
+    from numpyro_lds.posterior import posterior_log_prob, posterior_stats
+    from numpyro_lds.potentials import Potentials
 
     T, k = 5, 2
-    chain = kalman.GaussMarkovChain(
+    chain = GaussMarkovChain(
         jnp.zeros(k), jnp.eye(k), 0.9 * jnp.eye(k)[None], jnp.zeros((1, k)), jnp.eye(k)[None]
     )
     seen = []
-    for name in ("_filter", "_expected_log_joint_along_grad"):
-        original = getattr(kalman, name)
+    # the forward rule's filter and the backward rule's gradient, as the rules see them
+    for name in ("kalman_filter", "expected_log_joint_along_grad"):
+        original = getattr(posterior, name)
 
         def recording(*args, _original=original, **kwargs):
             seen.append(linalg._CONTEXT.batched)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(kalman, name, recording)
+        monkeypatch.setattr(posterior, name, recording)
 
     def single(y):
-        potentials = kalman.Potentials(y, jnp.ones((T, k)), jnp.eye(k)[None], jnp.ones(T, bool))
+        potentials = Potentials(y, jnp.ones((T, k)), jnp.eye(k)[None], jnp.ones(T, bool))
         if fn == "posterior_stats":
-            return jnp.sum(kalman.posterior_stats(chain, potentials).moments.means)
-        return jnp.sum(kalman.posterior_log_prob(chain, potentials, y[None]))
+            return jnp.sum(posterior_stats(chain, potentials).moments.means)
+        return jnp.sum(posterior_log_prob(chain, potentials, y[None]))
 
     def batched(y):
         with linalg.tracing(batched=True):

@@ -17,7 +17,7 @@ from numpyro.distributions.kl import kl_divergence
 import reference as ref
 from helpers import dense, random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
-from numpyro_lds.kalman import PARALLEL_BLOCK, SCHEDULES, prefix_scan
+from numpyro_lds.schedules import PARALLEL_BLOCK, SCHEDULES, prefix_scan
 
 RTOL = 1e-8
 ATOL = 1e-10

@@ -1,0 +1,192 @@
+"""Gauss–Markov chains over one sequence: moments, log-density, paths, entropy.
+
+A chain over states ``z_{1:T}`` (``[T, k]``) is stored as :class:`GaussMarkovChain`,
+
+.. math::
+
+    z_1 \\sim \\mathcal N(\\mathrm{initial\\_mean}, \\mathrm{initial\\_cov}), \\qquad
+    z_{t+1} \\mid z_t \\sim \\mathcal N(F_t z_t + c_t, S_t),
+
+with ``F, c, S`` the ``transition_matrix``, ``transition_offset`` and ``transition_cov``
+(time axis of length ``T - 1``, or 1 when shared over time). The LDS prior is such a chain
+running forward in time; the smoothed posterior is such a chain running *backward* in
+time (Särkkä 2013, Thm 8.2: ``z_t | z_{t+1}, x_{1:T} ~ N(G_t z_{t+1} + h_t, L_t)``), so one
+set of functions serves both. The symbols are tabled in :mod:`numpyro_lds.kalman`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from numpyro_lds.linalg import (
+    cholesky,
+    matmul,
+    matvec,
+    mvn_entropy,
+    mvn_log_prob,
+    quad_form,
+    symmetrize,
+    transpose,
+)
+from numpyro_lds.schedules import along_time, cat_first, cat_last, prefix_scan, scan_steps
+
+__all__ = [
+    "GaussMarkovChain",
+    "Moments",
+    "chain_entropy",
+    "chain_log_prob",
+    "chain_moments",
+    "chain_sample",
+    "reverse_moments",
+]
+
+
+class GaussMarkovChain(NamedTuple):
+    """A Gaussian Markov chain over ``[T, k]`` states (time axis ``n`` is ``T - 1`` or 1)."""
+
+    initial_mean: jnp.ndarray  # [k]
+    initial_cov: jnp.ndarray  # [k, k]
+    transition_matrix: jnp.ndarray  # [n, k, k]
+    transition_offset: jnp.ndarray  # [n, k]
+    transition_cov: jnp.ndarray  # [n, k, k]
+
+
+class Moments(NamedTuple):
+    """Marginal moments of a chain in forward time."""
+
+    means: jnp.ndarray  # [T, k]
+    covs: jnp.ndarray  # [T, k, k]
+    cross_covs: jnp.ndarray  # [T-1, k, k], Cov(z_{t+1}, z_t)
+
+
+def transitions(chain):
+    """``F, c, S`` with their time axes as stored: ``T − 1``, or 1 when shared.
+
+    Shared ones are not broadcast along time: every product broadcasts them, and
+    :func:`scan_steps` closes over them.
+    """
+    # Covariances enter only through their symmetric part, here as in every Cholesky
+    # factor, so that gradients are the same whichever way they are computed.
+    return chain.transition_matrix, chain.transition_offset, symmetrize(chain.transition_cov)
+
+
+def transitions_along_time(chain, num_steps):
+    """``F, c, S`` broadcast to ``T − 1`` steps: the associative elements need each step."""
+    return tuple(along_time(x, num_steps - 1) for x in transitions(chain))
+
+
+def shared_dynamics(chain):
+    """Whether ``F`` and ``S`` are the same at every step (stored with a time axis of 1)."""
+    return chain.transition_matrix.shape[0] == 1 and chain.transition_cov.shape[0] == 1
+
+
+def time_reversed(kernels: GaussMarkovChain) -> GaussMarkovChain:
+    """A backward chain's kernels indexed by forward time (:func:`rts_kernels`) as a chain
+    in reversed time: each transition array flipped (shared ones are unchanged)."""
+    return GaussMarkovChain(
+        kernels.initial_mean, kernels.initial_cov, *(jnp.flip(x, 0) for x in transitions(kernels))
+    )
+
+
+def chain_moments(
+    chain: GaussMarkovChain, num_steps: int, schedule="sequential", reverse=False
+) -> Moments:
+    """Marginal means, covariances and lag-one cross-covariances of a chain.
+
+    ``reverse=True``: the chain runs backward in time (the RTS smoother's kernels): its
+    initial state is ``z_T`` and its transition ``t`` gives ``z_t`` from ``z_{t+1}``, each
+    array indexed by forward time. The moments come in forward time either way
+    (``cross_covs[t] = Cov(z_{t+1}, z_t)``); sequentially the scan itself runs backward,
+    so no array is flipped (on the parallel schedule the chain is).
+    """
+    if reverse and schedule == "parallel":
+        return reverse_moments(chain_moments(time_reversed(chain), num_steps, schedule))
+    m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
+    F, c, S = transitions(chain)
+    if schedule != "parallel":
+
+        def step(carry, x):
+            m, P = carry
+            F_t, c_t, S_t = x
+            m_next = matvec(F_t, m) + c_t
+            P_next = quad_form(F_t, P) + S_t
+            return (m_next, P_next), (m_next, P_next)
+
+        _, (ms, Ps) = scan_steps(step, (m0, P0), (F, c, S), num_steps - 1, reverse=reverse)
+        if reverse:
+            ms, Ps = cat_last((ms, Ps), (m0, P0))
+        else:
+            ms, Ps = cat_first((m0, P0), (ms, Ps))
+    else:
+        # z_t = (e_t ∘ … ∘ e_1)(·), e_1 = N(m0, P0) and e_t = N(F_{t-1} z + c_{t-1}, S_{t-1}).
+        first = _Affine(jnp.zeros_like(P0), m0, P0)
+        steps = _Affine(*transitions_along_time(chain, num_steps))
+        marginals = prefix_scan(_compose_affine, cat_first(first, steps), schedule)
+        ms, Ps = marginals.c, marginals.S
+    # Cov(z_{t+1}, z_t) = F_t P_t; backward, Cov(z_t, z_{t+1}) = G_t P_{t+1}, transposed.
+    cross = matmul(Ps[1:], transpose(F)) if reverse else matmul(F, Ps[:-1])
+    return Moments(ms, Ps, cross)
+
+
+def reverse_moments(moments: Moments) -> Moments:
+    """Moments of the time-reversed chain (``Cov(z_t, z_{t+1})`` becomes the cross term)."""
+    return Moments(
+        jnp.flip(moments.means, 0),
+        jnp.flip(moments.covs, 0),
+        jnp.flip(transpose(moments.cross_covs), 0),
+    )
+
+
+def chain_log_prob(chain: GaussMarkovChain, z):
+    """``log p(z)`` for ``z`` of shape ``[..., T, k]``; broadcasts over leading dims."""
+    lp = mvn_log_prob(z[..., 0, :], chain.initial_mean, cholesky(chain.initial_cov))
+    pred = matvec(chain.transition_matrix, z[..., :-1, :]) + chain.transition_offset
+    lp_steps = mvn_log_prob(z[..., 1:, :], pred, cholesky(chain.transition_cov))
+    return lp + jnp.sum(lp_steps, -1)
+
+
+def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
+    """Reparametrized draw: maps standard normal ``eps [T, k]`` to a chain path ``[T, k]``."""
+    F, c, _ = transitions(chain)
+    z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
+    return affine_recursion(z0, F, c + matvec(cholesky(chain.transition_cov), eps[1:]), schedule)
+
+
+def affine_recursion(x0, F, c, schedule):
+    """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t`` (``c``: ``T − 1`` steps; ``F`` too,
+    or 1 when shared)."""
+    num_steps = c.shape[0] + 1
+    if schedule == "parallel":
+        first = _Affine(jnp.zeros(F.shape[1:], F.dtype), x0, None)
+        steps = _Affine(along_time(F, num_steps - 1), c, None)
+        return prefix_scan(_compose_affine, cat_first(first, steps), schedule).c
+
+    def step(x, inputs):
+        F_t, c_t = inputs
+        x = matvec(F_t, x) + c_t
+        return x, x
+
+    _, xs = scan_steps(step, x0, (F, c), num_steps - 1)
+    return cat_first(x0, xs)
+
+
+def chain_entropy(chain: GaussMarkovChain, num_steps: int):
+    """Joint entropy ``H(z_1) + Σ_t H(z_{t+1} | z_t)``."""
+    h_steps = mvn_entropy(cholesky(chain.transition_cov))
+    return mvn_entropy(cholesky(chain.initial_cov)) + jnp.sum(along_time(h_steps, num_steps - 1))
+
+
+class _Affine(NamedTuple):
+    """``z ↦ N(F z + c, S)`` (``S`` None: deterministic), an associative-scan element."""
+
+    F: jnp.ndarray
+    c: jnp.ndarray
+    S: jnp.ndarray | None
+
+
+def _compose_affine(e1, e2):
+    """``e2 ∘ e1``: first ``e1``, then ``e2``."""
+    S = None if e1.S is None else quad_form(e2.F, e1.S) + e2.S
+    return _Affine(matmul(e2.F, e1.F), matvec(e2.F, e1.c) + e2.c, S)

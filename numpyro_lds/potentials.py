@@ -1,0 +1,78 @@
+"""Gaussian potentials ``φ_t(z_t) = N(mean_t; H_t z_t, cov_t)`` on the states of one sequence.
+
+They are the guide's free parameters, an encoder's outputs, or observations. Their
+covariances come in one of two forms, told apart by rank (:func:`is_diagonal`): full
+(``cov [T, d, d]``) or diagonal (``cov [T, d]``, the variances), and every function
+that takes potentials serves both.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from numpyro_lds.linalg import (
+    matmul,
+    matvec,
+    quad_form,
+    symmetrize,
+    transpose,
+)
+
+__all__ = ["Potentials"]
+
+
+class Potentials(NamedTuple):
+    """Gaussian potentials ``N(mean_t; H_t z_t, cov_t)`` (time axis of ``H`` is ``T`` or 1).
+
+    ``cov`` is ``[T, d, d]``, or ``[T, d]`` for diagonal covariances (their variances),
+    which are then never stored, factorized or differentiated as ``d × d`` matrices.
+    ``emission_matrix=None`` is the identity (``d = k``): no product with it is formed
+    (XLA does not fold a product with an identity matrix; each was a dot call per step at
+    ``k > 8``), and its gradient is ``None``.
+    """
+
+    mean: jnp.ndarray  # [T, d]
+    cov: jnp.ndarray  # [T, d, d], or [T, d]: diagonal
+    emission_matrix: jnp.ndarray | None  # [T or 1, d, k]; None: the identity
+    mask: jnp.ndarray  # [T] bool; False: no potential at that step
+
+
+def is_diagonal(R, y):
+    """Whether the potentials' covariances ``R`` are given by their diagonals (``[.., d]``)."""
+    return R.ndim == y.ndim
+
+
+def masked_potentials(potentials: Potentials):
+    """Neutral values at masked steps, so no NaN from unused inputs reaches a gradient.
+
+    ``H`` keeps its time axis of 1 when shared; diagonal covariances stay diagonal.
+    """
+    mask = potentials.mask
+    if is_diagonal(potentials.cov, potentials.mean):
+        R = jnp.where(mask[:, None], potentials.cov, 1.0)
+    else:
+        eye = jnp.eye(potentials.mean.shape[-1], dtype=potentials.mean.dtype)
+        R = jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye)
+    return (jnp.where(mask[:, None], potentials.mean, 0.0), R, potentials.emission_matrix, mask)
+
+
+def emit(H, x):
+    """``H x`` for states ``x [.., k]`` (``x`` itself where ``H`` is ``None``, the identity)."""
+    return x if H is None else matvec(H, x)
+
+
+def emit_transpose(H, v):
+    """``Hᵀ v`` for ``v [.., d]``."""
+    return v if H is None else matvec(transpose(H), v)
+
+
+def emit_left(H, X):
+    """``H X`` for ``X [.., k, n]``."""
+    return X if H is None else matmul(H, X)
+
+
+def emit_cov(H, P):
+    """``H P Hᵀ`` (symmetrized)."""
+    return symmetrize(P) if H is None else quad_form(H, P)
