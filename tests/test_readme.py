@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_snippets_run_as_written():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 4
+    assert len(blocks) >= 3
     matplotlib.use("Agg")
     ns: dict = {}
     exec(compile(blocks[0], str(README), "exec"), ns)
@@ -32,5 +32,14 @@ def test_readme_snippets_run_as_written():
     assert ns["idata"].posterior["z"].shape[-2:] == (ns["T"], 2)
     for block in blocks[1:]:
         exec(compile(block, str(README), "exec"), ns)
-    assert ns["posteriors"]["z"].batch_shape == (8,)
+    # padded sequences fitted in minibatches: every sequence's posterior is its exact smoother
+    qs, ys, valid = ns["posteriors"]["z"], ns["y"], ns["valid"]
+    assert qs.batch_shape == (8,)
+    np.testing.assert_array_equal(qs.potential_mask, valid)
+    exact = LDSPosterior(
+        ns["prior"].expand((8,)), ys, potential_var=np.full(ys.shape, 0.25), mask=valid
+    )
+    sd = np.sqrt(np.asarray(exact.variance))
+    assert np.max(np.abs(np.asarray(qs.mean) - np.asarray(exact.mean)) / sd) < 1e-3
+    np.testing.assert_allclose(np.sqrt(np.asarray(qs.variance)), sd, rtol=1e-3)
     assert np.isfinite(ns["loss"])
