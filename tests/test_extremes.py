@@ -158,15 +158,24 @@ def test_gradients_at_one_extreme_potential_match_the_dense_reference(form, expo
     want = jax.grad(dense, (0, 1))(jnp.asarray(kwargs[key]), jnp.asarray(y))
     # float64 at 1e-6: the reference's own gradient passes through the inverse of a
     # precision graded over up to 30 orders of magnitude (about 1e-8 of its scale there).
+    # In the root form, d/dH_t = 2 H_t ∂KL/∂Λ_t + ...: the reference knows ∂KL/∂Λ_t to
+    # float64's absolute rounding only, which H_t's scale multiplies (an entry whose exact
+    # value is 4e-15 came out as -0.25 at H_t = 7.5e14; ours follows its 1/g³ law from
+    # g = 1e2 to 1e12): that bound is added, row by row of H.
+    reference_error = [np.zeros_like(w) for w in want]
+    if form == "root":
+        scale = np.max(np.abs(kwargs[key]), axis=-1, keepdims=True)
+        reference_error[0] = 64 * np.finfo(np.float64).eps * scale * np.ones_like(want[0])
     for dtype, rtol in ((jnp.float64, 1e-6), (jnp.float32, 1e-3)):
 
         def loss(value, mean, dtype=dtype):
             return _posterior(prior, mean, {**kwargs, key: value}, dtype).kl_to_prior()
 
         have = jax.grad(loss, (0, 1))(jnp.asarray(kwargs[key], dtype), jnp.asarray(y, dtype))
-        for h, w in zip(have, want, strict=True):
+        for h, w, err in zip(have, want, reference_error, strict=True):
             h, w = np.asarray(h, np.float64), np.asarray(w)
-            np.testing.assert_array_less(np.abs(h - w), rtol * np.maximum(1.0, np.abs(w)))
+            bound = rtol * np.maximum(1.0, np.abs(w)) + err
+            np.testing.assert_array_less(np.abs(h - w), bound)
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "blocked", "parallel"])
