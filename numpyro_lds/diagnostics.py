@@ -16,7 +16,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import log_density, log_likelihood
 
 from numpyro_lds.distributions import LinearGaussianStateSpace
-from numpyro_lds.guides import _unwrap
+from numpyro_lds.sites import unwrap
 
 __all__ = ["pareto_k", "to_inference_data"]
 
@@ -76,7 +76,7 @@ def to_inference_data(
     )
     dims, coords, lengths = {}, {}, set()
     for name in latent:
-        base, _ = _unwrap(trace[name]["fn"])
+        base, _ = unwrap(trace[name]["fn"])
         if isinstance(base, LinearGaussianStateSpace):
             T, k = base.event_shape
             lengths.add(T)

@@ -24,7 +24,7 @@ from numpyro_lds.chains import (
     chain_sample,
     reverse_moments,
 )
-from numpyro_lds.expectations import expected_log_joint, expected_potential_log_prob
+from numpyro_lds.expectations import expected_potential_log_prob
 from numpyro_lds.kalman import condition_on_potentials
 from numpyro_lds.linalg import tracing
 from numpyro_lds.posterior import posterior_log_prob, posterior_sample, posterior_stats
@@ -60,8 +60,10 @@ def _as_float(name, x):
 
 
 class _FinitePositive(constraints._GreaterThan):
-    """``0 < x < inf``: NumPyro's ``positive`` lets ``+inf`` through, and an infinite
-    potential variance turns every output into NaN."""
+    """``0 < x < inf``: NumPyro's ``positive`` lets ``+inf`` through.
+
+    An infinite potential variance turns every output into NaN.
+    """
 
     def __init__(self):
         super().__init__(0.0)
@@ -95,8 +97,11 @@ class _PriorShapes(NamedTuple):
 
 
 def _concrete_num_steps(num_steps) -> int:
-    """``num_steps`` as a Python int: any concrete integer scalar (``int``, ``np.int64``, a
-    0-d ``jnp.int32`` array); a traced value is refused, as ``T`` fixes the scan's length."""
+    """``num_steps`` as a Python int, from any concrete integer scalar.
+
+    ``int``, ``np.int64`` or a 0-d ``jnp.int32`` array; a traced value is refused, as ``T``
+    fixes the scan's length.
+    """
     if isinstance(num_steps, jax.core.Tracer):
         raise TypeError(
             "num_steps must be a concrete integer, got a traced value (the sequence length "
@@ -270,11 +275,18 @@ class _ChainDistribution(Distribution):
     def _single_entropy(cls, args, num_steps, schedule):
         return chain_entropy(cls._single_chain(args, num_steps, schedule), num_steps)
 
-    @classmethod
-    def _single_moments_and_log_q(cls, args, num_steps, schedule):
-        """Moments (forward time) and ``E_q[log q(z)]``, the negative entropy."""
-        moments = cls._single_moments(args, num_steps, schedule)
-        return moments, -cls._single_entropy(args, num_steps, schedule)
+    def sequence_args(self):
+        """The per-sequence arrays of the core functions, and their event ndims.
+
+        Returns:
+          ``(args, event_ndims)`` with ``args = (chain, potentials)``: the
+          :class:`~numpyro_lds.chains.GaussMarkovChain` of the (prior) dynamics, and the
+          :class:`~numpyro_lds.potentials.Potentials` it is conditioned on, ``None`` for a
+          prior. Leaves carry ``batch_shape`` (or none, where shared); ``event_ndims``
+          has the structure of ``args`` and gives each leaf's per-sequence ndims, as
+          ``numpyro_lds._batch.batch_map`` takes them.
+        """
+        raise NotImplementedError
 
     def _noise_shape(self):
         """Shape of the standard normals behind one draw of one sequence."""
@@ -362,8 +374,10 @@ class _ChainDistribution(Distribution):
         return self._map_draws(type(self)._single_sample, eps, sample_shape)
 
     def _map_draws(self, fn, draws, sample_shape):
-        """Apply single-sequence ``fn(args, draws, num_steps, schedule)`` to ``draws`` of
-        shape ``sample_shape + batch_shape + tail``; ``fn`` gets ``[S, *tail]``."""
+        """Apply single-sequence ``fn(args, draws, num_steps, schedule)`` to ``draws``.
+
+        ``draws`` has shape ``sample_shape + batch_shape + tail``; ``fn`` gets ``[S, *tail]``.
+        """
         n_s, n_b = len(sample_shape), len(self.batch_shape)
         # [S..., B..., tail] -> [B..., S, tail]: the samples are part of each sequence's work.
         draws = jnp.moveaxis(draws.reshape((-1,) + draws.shape[n_s:]), 0, n_b)
@@ -562,6 +576,10 @@ class LinearGaussianStateSpace(_ChainDistribution):
         )
         return chain, _CHAIN_NDIMS
 
+    def sequence_args(self):  # noqa: D102 (documented on the base class)
+        chain, ndims = self._core_args()
+        return (chain, None), (ndims, None)
+
     @classmethod
     def _single_chain(cls, args, num_steps, schedule):
         return args
@@ -709,8 +727,11 @@ class LDSPosterior(_ChainDistribution):
             super().__init__(shapes.batch_shape, (T, k), validate_args=validate_args)
 
     def validate_args(self, strict: bool = True) -> None:
-        """NumPyro's value checks, on the unmasked steps only: a masked step's potential is
-        never used, so a placeholder there (NaN, a negative variance) is not an error."""
+        """NumPyro's value checks, on the unmasked steps only.
+
+        A masked step's potential is never used, so a placeholder there (NaN, a negative variance)
+        is not an error.
+        """
         mask = self.potential_mask
         if mask is None:
             return super().validate_args(strict)
@@ -777,6 +798,9 @@ class LDSPosterior(_ChainDistribution):
             ndims = ndims._replace(emission_matrix=None)
         return (chain, self._potentials()), (chain_ndims, ndims)
 
+    def sequence_args(self):  # noqa: D102 (documented on the base class)
+        return self._core_args()
+
     @classmethod
     def _single_chain(cls, args, num_steps, schedule):
         chain, potentials = args
@@ -823,16 +847,6 @@ class LDSPosterior(_ChainDistribution):
     @classmethod
     def _single_moments(cls, args, num_steps, schedule) -> Moments:
         return cls._single_stats(args, num_steps, schedule).moments
-
-    @classmethod
-    def _single_moments_and_log_q(cls, args, num_steps, schedule):
-        # E_q log q = E_q[log prior + Σ log φ_t] − log Z.
-        stats = cls._single_stats(args, num_steps, schedule)
-        log_q = (
-            expected_log_joint(stats.moments, *args, stats.potential_residuals)
-            - stats.log_normalizer
-        )
-        return stats.moments, log_q
 
     @classmethod
     def _single_log_normalizer(cls, args, num_steps, schedule):

@@ -13,11 +13,6 @@ from jax import random
 from jax.scipy.special import ndtri
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.distributions.distribution import (
-    ExpandedDistribution,
-    Independent,
-    MaskedDistribution,
-)
 from numpyro.distributions.transforms import AffineTransform, ComposeTransform, biject_to
 from numpyro.distributions.util import periodic_repeat
 from numpyro.infer.autoguide import AutoGuide, AutoNormal
@@ -33,6 +28,7 @@ from numpyro_lds.conjugate import (
     potential_root,
 )
 from numpyro_lds.distributions import LDSPosterior, LinearGaussianStateSpace
+from numpyro_lds.sites import rewrap, unwrap
 
 __all__ = ["AutoLDSGuide"]
 
@@ -77,26 +73,6 @@ def _slow_transform(constraint):
 
 _SLOW_REAL = _Slow(constraints.real, 10.0)
 _SLOW_NONNEGATIVE = _Slow(constraints.nonnegative, 30.0)
-
-
-def _unwrap(fn):
-    """Split a site's distribution into its LDS prior and the wrappers around it."""
-    wrappers = []
-    while isinstance(fn, (Independent, MaskedDistribution, ExpandedDistribution)):
-        wrappers.append(fn)
-        fn = fn.base_dist
-    return fn, wrappers
-
-
-def _rewrap(q, wrappers):
-    for w in reversed(wrappers):
-        if isinstance(w, Independent):
-            q = q.to_event(w.reinterpreted_batch_ndims)
-        elif isinstance(w, MaskedDistribution):
-            q = q.mask(w._mask)
-        else:
-            q = q.expand(w.batch_shape)
-    return q
 
 
 def _warn_broadcast_observations(trace):
@@ -269,7 +245,7 @@ class AutoLDSGuide(AutoGuide):
         for name, site in self.prototype_trace.items():
             if site["type"] != "sample" or site["is_observed"]:
                 continue
-            prior, _ = _unwrap(site["fn"])
+            prior, _ = unwrap(site["fn"])
             if isinstance(prior, LinearGaussianStateSpace):
                 self._lds_sites[name] = site
         _warn_broadcast_observations(self.prototype_trace)
@@ -282,7 +258,7 @@ class AutoLDSGuide(AutoGuide):
         ]
         if not self._lds_sites:
             latent = [
-                f"{n} ({type(_unwrap(self.prototype_trace[n]['fn'])[0]).__name__})" for n in others
+                f"{n} ({type(unwrap(self.prototype_trace[n]['fn'])[0]).__name__})" for n in others
             ]
             warnings.warn(
                 "AutoLDSGuide found no LinearGaussianStateSpace sample site in the model "
@@ -402,8 +378,11 @@ class AutoLDSGuide(AutoGuide):
         return tuple(names)
 
     def potential_params(self, name, information, precision):
-        """``{param name: value}`` of site ``name``'s potentials with natural parameters
-        ``(h, Λ)`` (``Λ`` projected onto the positive semi-definite matrices)."""
+        """``{param name: value}`` of site ``name``'s potentials with natural parameters.
+
+        ``information`` is ``h`` and ``precision`` is ``Λ``, which is projected onto the
+        positive semi-definite matrices.
+        """
         diagonal = self.potential_form == "diagonal"
         obs, root_diag, root_upper = potential_from_information(
             information, precision, diagonal=diagonal
@@ -481,7 +460,7 @@ class AutoLDSGuide(AutoGuide):
             masks = self._masks(*args, **kwargs)
         out = {}
         for name, fn in self._model_priors(values, indices, *args, **kwargs).items():
-            prior, wrappers = _unwrap(fn)
+            prior, wrappers = unwrap(fn)
             with self._in_plates(plates, self._lds_sites[name]["cond_indep_stack"]):
                 potentials = self._potentials(name, encoded)
             mask = masks.get(name)
@@ -492,7 +471,7 @@ class AutoLDSGuide(AutoGuide):
                     f"batch_shape + [T]), got {jnp.shape(mask)}"
                 )
             q = LDSPosterior(prior, **potentials, mask=mask)
-            out[name] = _rewrap(q, wrappers)
+            out[name] = rewrap(q, wrappers)
         return values, out
 
     def _masks(self, *args, **kwargs):
@@ -509,6 +488,7 @@ class AutoLDSGuide(AutoGuide):
         return masks
 
     def __call__(self, *args, **kwargs):
+        """Sample every latent site of the model from the guide; returns ``{name: value}``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
@@ -543,7 +523,7 @@ class AutoLDSGuide(AutoGuide):
     def _lds_marginals(self, params, *args, **kwargs):
         out = {}
         for name, q in self.get_posteriors(params, *args, **kwargs).items():
-            base, _ = _unwrap(q)
+            base, _ = unwrap(q)
             out[name] = (base.mean, jnp.sqrt(base.variance))
         return out
 

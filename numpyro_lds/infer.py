@@ -9,7 +9,8 @@ from numpyro import handlers
 from numpyro.infer.svi import SVI, SVIState
 
 from numpyro_lds.conjugate import likelihood_curvature, natural_step
-from numpyro_lds.guides import AutoLDSGuide, _unwrap
+from numpyro_lds.guides import AutoLDSGuide
+from numpyro_lds.sites import unwrap
 
 __all__ = ["NaturalGradientSVI"]
 
@@ -163,7 +164,7 @@ class NaturalGradientSVI(SVI):
             seeded = handlers.seed(handlers.substitute(guide, data=params), rng_seed=key)
             trace = handlers.trace(seeded).get_trace(*args, **kwargs)
             fn = guide.log_likelihood_fn(trace, params, *args, **kwargs)
-            means = {n: _unwrap(trace[n]["fn"])[0].mean for n in guide._lds_sites}
+            means = {n: unwrap(trace[n]["fn"])[0].mean for n in guide._lds_sites}
             draw = {n: trace[n]["value"] for n in guide._lds_sites}
             mirrored = {n: 2 * means[n] - draw[n] for n in draw}
             for z in (draw, mirrored):
