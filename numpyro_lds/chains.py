@@ -1,11 +1,11 @@
-"""Gauss–Markov chains over one sequence: moments, log-density, paths, entropy.
+r"""Gauss–Markov chains over one sequence: moments, log-density, paths, entropy.
 
 A chain over states ``z_{1:T}`` (``[T, k]``) is stored as :class:`GaussMarkovChain`,
 
 .. math::
 
-    z_1 \\sim \\mathcal N(\\mathrm{initial\\_mean}, \\mathrm{initial\\_cov}), \\qquad
-    z_{t+1} \\mid z_t \\sim \\mathcal N(F_t z_t + c_t, S_t),
+    z_1 \sim \mathcal N(\mathrm{initial\_mean}, \mathrm{initial\_cov}), \qquad
+    z_{t+1} \mid z_t \sim \mathcal N(F_t z_t + c_t, S_t),
 
 with ``F, c, S`` the ``transition_matrix``, ``transition_offset`` and ``transition_cov``
 (time axis of length ``T - 1``, or 1 when shared over time). The LDS prior is such a chain
@@ -44,21 +44,35 @@ __all__ = [
 
 
 class GaussMarkovChain(NamedTuple):
-    """A Gaussian Markov chain over ``[T, k]`` states (time axis ``n`` is ``T - 1`` or 1)."""
+    """A Gaussian Markov chain over ``[T, k]`` states (time axis ``n`` is ``T - 1`` or 1).
 
-    initial_mean: jnp.ndarray  # [k]
-    initial_cov: jnp.ndarray  # [k, k]
-    transition_matrix: jnp.ndarray  # [n, k, k]
-    transition_offset: jnp.ndarray  # [n, k]
-    transition_cov: jnp.ndarray  # [n, k, k]
+    Each transition array has its own time axis: ``T − 1`` (entry ``t`` is the step
+    ``t → t + 1``) or 1 when shared by every step. A chain running backward in time (the
+    RTS smoother's, :func:`~numpyro_lds.kalman.smoother_chain`) has the same fields, with
+    ``z_T`` as its initial state.
+    """
+
+    #: ``[k]``, the mean of ``z_1`` (``m_0``).
+    initial_mean: jnp.ndarray
+    #: ``[k, k]``, the covariance of ``z_1`` (``P_0``).
+    initial_cov: jnp.ndarray
+    #: ``[T − 1 or 1, k, k]``, the transition matrices ``F_t``.
+    transition_matrix: jnp.ndarray
+    #: ``[T − 1 or 1, k]``, the transition offsets ``c_t``.
+    transition_offset: jnp.ndarray
+    #: ``[T − 1 or 1, k, k]``, the transition noise covariances ``S_t``.
+    transition_cov: jnp.ndarray
 
 
 class Moments(NamedTuple):
     """Marginal moments of a chain in forward time."""
 
-    means: jnp.ndarray  # [T, k]
-    covs: jnp.ndarray  # [T, k, k]
-    cross_covs: jnp.ndarray  # [T-1, k, k], Cov(z_{t+1}, z_t)
+    #: ``[T, k]``, the means ``m_t = E[z_t]``.
+    means: jnp.ndarray
+    #: ``[T, k, k]``, the covariances ``Σ_t = Cov(z_t)``.
+    covs: jnp.ndarray
+    #: ``[T − 1, k, k]``, the lag-one cross-covariances ``C_t = Cov(z_{t+1}, z_t)``.
+    cross_covs: jnp.ndarray
 
 
 def transitions(chain):
@@ -83,8 +97,11 @@ def shared_dynamics(chain):
 
 
 def time_reversed(kernels: GaussMarkovChain) -> GaussMarkovChain:
-    """A backward chain's kernels indexed by forward time (:func:`rts_kernels`) as a chain
-    in reversed time: each transition array flipped (shared ones are unchanged)."""
+    """A backward chain's kernels, indexed by forward time, as a chain in reversed time.
+
+    Each transition array of ``kernels`` (as :func:`~numpyro_lds.kalman.rts_kernels` gives
+    them) is flipped; shared ones are unchanged.
+    """
     return GaussMarkovChain(
         kernels.initial_mean, kernels.initial_cov, *(jnp.flip(x, 0) for x in transitions(kernels))
     )
@@ -100,6 +117,18 @@ def chain_moments(
     array indexed by forward time. The moments come in forward time either way
     (``cross_covs[t] = Cov(z_{t+1}, z_t)``); sequentially the scan itself runs backward,
     so no array is flipped (on the parallel schedule the chain is).
+
+    Args:
+      chain: the chain; with ``reverse=True`` its initial state is ``z_T`` and its
+        transition arrays (``[T − 1 or 1, ...]``) are indexed by forward time, as
+        :func:`~numpyro_lds.kalman.rts_kernels` gives them.
+      num_steps: ``T``.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+      reverse: whether ``chain`` runs backward in time.
+
+    Returns:
+      :class:`Moments`: ``means [T, k]``, ``covs [T, k, k]`` and
+      ``cross_covs [T − 1, k, k]``, in forward time.
     """
     if reverse and schedule == "parallel":
         return reverse_moments(chain_moments(time_reversed(chain), num_steps, schedule))
@@ -131,7 +160,17 @@ def chain_moments(
 
 
 def reverse_moments(moments: Moments) -> Moments:
-    """Moments of the time-reversed chain (``Cov(z_t, z_{t+1})`` becomes the cross term)."""
+    """Moments of the time-reversed chain (``Cov(z_t, z_{t+1})`` becomes the cross term).
+
+    Args:
+      moments: :class:`Moments` of ``z_1, …, z_T`` (``means [T, k]``, ``covs [T, k, k]``,
+        ``cross_covs [T − 1, k, k]``).
+
+    Returns:
+      :class:`Moments`: those of ``z_T, …, z_1``, of the same shapes, every array flipped
+      along time and ``cross_covs`` transposed, so that its entries are
+      ``Cov(z_t, z_{t+1})``, the last step first.
+    """
     return Moments(
         jnp.flip(moments.means, 0),
         jnp.flip(moments.covs, 0),
@@ -140,7 +179,16 @@ def reverse_moments(moments: Moments) -> Moments:
 
 
 def chain_log_prob(chain: GaussMarkovChain, z):
-    """``log p(z)`` for ``z`` of shape ``[..., T, k]``; broadcasts over leading dims."""
+    """``log p(z)`` for ``z`` of shape ``[..., T, k]``; broadcasts over leading dims.
+
+    Args:
+      chain: the chain.
+      z: paths ``[..., T, k]``, in the chain's own time order (flipped for a chain
+        running backward in time).
+
+    Returns:
+      ``[...]``, one log-density per path.
+    """
     lp = mvn_log_prob(z[..., 0, :], chain.initial_mean, cholesky(chain.initial_cov))
     pred = matvec(chain.transition_matrix, z[..., :-1, :]) + chain.transition_offset
     lp_steps = mvn_log_prob(z[..., 1:, :], pred, cholesky(chain.transition_cov))
@@ -148,15 +196,29 @@ def chain_log_prob(chain: GaussMarkovChain, z):
 
 
 def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
-    """Reparametrized draw: maps standard normal ``eps [T, k]`` to a chain path ``[T, k]``."""
+    """Reparametrized draw: maps standard normal ``eps [T, k]`` to a chain path ``[T, k]``.
+
+    ``z_1 = m_0 + chol(P_0) ε_1`` and ``z_{t+1} = F_t z_t + c_t + chol(S_t) ε_{t+1}``, with
+    ``chol`` the lower Cholesky factor.
+
+    Args:
+      chain: the chain, running forward in time.
+      eps: standard normals ``[T, k]``.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+
+    Returns:
+      The path ``z [T, k]``.
+    """
     F, c, _ = transitions(chain)
     z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
     return affine_recursion(z0, F, c + matvec(cholesky(chain.transition_cov), eps[1:]), schedule)
 
 
 def affine_recursion(x0, F, c, schedule):
-    """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t`` (``c``: ``T − 1`` steps; ``F`` too,
-    or 1 when shared)."""
+    """The path ``x_1 = x0``, ``x_{t+1} = F_t x_t + c_t``, by ``schedule``.
+
+    ``c`` has ``T − 1`` steps; ``F`` too, or 1 when shared.
+    """
     num_steps = c.shape[0] + 1
     if schedule == "parallel":
         first = _Affine(jnp.zeros(F.shape[1:], F.dtype), x0, None)
@@ -173,7 +235,17 @@ def affine_recursion(x0, F, c, schedule):
 
 
 def chain_entropy(chain: GaussMarkovChain, num_steps: int):
-    """Joint entropy ``H(z_1) + Σ_t H(z_{t+1} | z_t)``."""
+    """Joint entropy ``H(z_1) + Σ_t H(z_{t+1} | z_t)``.
+
+    It depends on the covariances alone: ``initial_cov`` and ``transition_cov``.
+
+    Args:
+      chain: the chain.
+      num_steps: ``T``.
+
+    Returns:
+      A scalar.
+    """
     h_steps = mvn_entropy(cholesky(chain.transition_cov))
     return mvn_entropy(cholesky(chain.initial_cov)) + jnp.sum(along_time(h_steps, num_steps - 1))
 

@@ -1,5 +1,7 @@
-r"""Conjugate-computation pieces: potentials in square-root information form, and the
-likelihood's expected gradient and curvature per time step.
+r"""Conjugate-computation steps: the pieces they are made of.
+
+Potentials in square-root information form, and the likelihood's expected gradient and
+curvature per time step.
 
 A free potential of :class:`~numpyro_lds.AutoLDSGuide` is an unnormalized Gaussian factor
 

@@ -58,13 +58,25 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain, tran
     This is Term C of ``docs/derivation.md``. Its gradient is written out (see
     :func:`_expected_log_density`). ``transition``: :func:`forward_transition_residuals`
     of the chain the moments are of, when it runs forward (``None``: from the moments).
+
+    Args:
+      moments: the Gaussian's :class:`~numpyro_lds.chains.Moments` (``means [T, k]``,
+        ``covs [T, k, k]``, ``cross_covs [T − 1, k, k]``).
+      chain: the chain whose transitions ``F, c, S`` (``[T − 1 or 1, ...]``) are scored.
+      transition: ``None``, or ``(E[e_t] [T − 1, k], Cov(e_t))`` from
+        :func:`forward_transition_residuals`, ``Cov(e_t)`` being ``[T − 1, k, k]``, or
+        ``[1, k, k]`` summed over the steps where ``chain``'s dynamics are shared.
+
+    Returns:
+      A scalar.
     """
     return _expected_log_density(moments, chain, None, None, transition, False)
 
 
 def forward_transition_residuals(q_chain: GaussMarkovChain, moments: Moments, chain):
-    """``E[e_t]`` and ``Cov(e_t)`` of ``e_t = z_{t+1} − F_t z_t − c_t`` under a forward
-    chain ``q_chain`` with ``moments``, without cancellation (derivation, section 11).
+    """``E[e_t]`` and ``Cov(e_t)`` of ``e_t = z_{t+1} − F_t z_t − c_t``, without cancellation.
+
+    Under a forward chain ``q_chain`` with ``moments`` (derivation, section 11).
 
     From the moments, ``Cov(e_t) = P_{t+1} − C_t Fᵀ − F C_tᵀ + F P_t Fᵀ`` is a difference
     of terms of the size of ``P``, which in a near-unit-root chain exceeds the result by
@@ -73,6 +85,18 @@ def forward_transition_residuals(q_chain: GaussMarkovChain, moments: Moments, ch
     terms no larger than the result where ``q`` and ``chain`` are alike. ``V`` is summed
     over the steps where ``chain``'s dynamics are shared (see
     :func:`_transition_residuals`).
+
+    Args:
+      q_chain: the forward chain ``q`` (``F_q, c_q, S_q``), transitions
+        ``[T − 1 or 1, ...]``.
+      moments: ``q_chain``'s :class:`~numpyro_lds.chains.Moments` (``means [T, k]``,
+        ``covs [T, k, k]``; the cross-covariances are not used).
+      chain: the chain whose transitions ``F, c`` define ``e_t`` (``[T − 1 or 1, ...]``).
+
+    Returns:
+      A pair ``(e, V)``, with ``e = E[e_t]`` ``[T − 1, k]`` and ``V = Cov(e_t)``
+      ``[T − 1, k, k]``, or ``[1, k, k]`` (the sum over the steps) when ``chain``'s ``F``
+      and ``S`` are shared by every step.
     """
     F_q, c_q, S_q = transitions(q_chain)
     F, c, _ = transitions(chain)
@@ -90,6 +114,18 @@ def expected_potential_log_prob(moments: Moments, potentials: Potentials, residu
 
     ``residuals``: :attr:`PosteriorStats.potential_residuals` when ``moments`` are a
     posterior's (``None``: the residuals ``y − H m`` as they are).
+
+    Args:
+      moments: the Gaussian's :class:`~numpyro_lds.chains.Moments` (``means [T, k]``,
+        ``covs [T, k, k]``; the cross-covariances are not used).
+      potentials: the :class:`~numpyro_lds.potentials.Potentials` (``mean [T, d]``,
+        ``cov [T, d, d]`` or ``[T, d]``, ``emission_matrix [T or 1, d, k]`` or None,
+        ``mask [T]``).
+      residuals: ``None``, or ``y_t − H_t m_t`` as ``[T, d]``
+        (:attr:`~numpyro_lds.posterior.PosteriorStats.potential_residuals`).
+
+    Returns:
+      A scalar.
     """
     return jnp.sum(_node_energies(moments, potentials, residuals=residuals))
 
@@ -103,6 +139,19 @@ def expected_log_joint(
     For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``. Its gradient
     is written out (see :func:`_expected_log_density`). ``residuals`` as in
     :func:`expected_potential_log_prob`.
+
+    Args:
+      moments: the Gaussian's :class:`~numpyro_lds.chains.Moments` (``means [T, k]``,
+        ``covs [T, k, k]``, ``cross_covs [T − 1, k, k]``).
+      chain: the forward chain of the prior (``m_0 [k]``, ``P_0 [k, k]``, transitions
+        ``[T − 1 or 1, ...]``).
+      potentials: the :class:`~numpyro_lds.potentials.Potentials` ``φ_t``
+        (``mean [T, d]``).
+      residuals: ``None``, or ``y_t − H_t m_t`` as ``[T, d]``, as in
+        :func:`expected_potential_log_prob`.
+
+    Returns:
+      A scalar.
     """
     return _expected_log_density(moments, chain, potentials, residuals, None, True)
 
@@ -190,9 +239,10 @@ def expected_log_joint_along_grad(
     residuals=None,
     transition=None,
 ):
-    """Gradient of :func:`expected_log_joint_along` w.r.t. ``chain`` and ``potentials``
-    (``None``: left out), and with ``moments_grad`` (only without a tangent) w.r.t. the
-    ``moments`` first.
+    """Gradient of :func:`expected_log_joint_along`, written out.
+
+    W.r.t. ``chain`` and ``potentials`` (``None``: left out), and with ``moments_grad`` (only
+    without a tangent) w.r.t. the ``moments`` first.
 
     Written out (``docs/derivation.md``, section 8): for a term ``−tr(Λ S)/2 − w log
     det(2πΣ)/2`` with ``Λ = Σ⁻¹`` and scatter ``S = V_w + w e eᵀ + ė eᵀ + e ėᵀ``,
@@ -292,10 +342,13 @@ def expected_log_joint_along_grad(
 
 
 def _on_steps(x, start, num_steps, length=None):
-    """``[T, ...]``: ``x`` on steps ``start … start + length − 1`` (``length`` is ``T − 1``
-    unless given), zeros elsewhere. ``x`` has that time axis, or 1 when the same at every
-    step: then it is selected by step, never padded or updated in place, so XLA fuses it
-    into its consumer instead of storing a ``[T, ...]`` array of copies from the start."""
+    """``[T, ...]``: ``x`` on some steps, zeros elsewhere.
+
+    ``x`` on steps ``start … start + length − 1`` (``length`` is ``T − 1`` unless given), zeros
+    elsewhere. ``x`` has that time axis, or 1 when the same at every step: then it is selected by
+    step, never padded or updated in place, so XLA fuses it into its consumer instead of storing a
+    ``[T, ...]`` array of copies from the start.
+    """
     length = num_steps - 1 if length is None else length
     if x.shape[0] == 1:
         t = jnp.arange(num_steps).reshape((num_steps,) + (1,) * (x.ndim - 1))
@@ -424,9 +477,12 @@ def _transition_energies(moments, chain, tangent=None, weight=1.0, transition=No
 
 
 def _transition_scatter(chain, weight, e, e_dot, V):
-    """The transition terms' scatter and its weight: per step, ``w``; with shared dynamics
-    summed over the steps (as ``V`` is, :func:`_transition_residuals`), of weight
-    ``(T − 1) w``: one energy for all steps, as every term is affine in the scatter."""
+    """The transition terms' scatter and its weight.
+
+    Per step, of weight ``w``; with shared dynamics summed over the steps (as ``V`` is,
+    :func:`_transition_residuals`), of weight ``(T − 1) w``: one energy for all steps, as
+    every term is affine in the scatter.
+    """
     if not shared_dynamics(chain):
         return _scatter(weight, e, e_dot, V), weight
     return _scatter(weight, e, e_dot, V, outer_sum), weight * e.shape[0]
@@ -449,8 +505,11 @@ def _node_energies(moments, potentials, tangent=None, weight=1.0, residuals=None
 
 @jax.custom_jvp
 def _over_variance(x, r):
-    """``x / r``, whose derivative in ``r`` is ``−(x / r) / r``: reverse mode's ``−x / r²``
-    overflows (float32) for ``r`` below about ``1e-19``, where ``x / r`` is still ``O(1)``."""
+    """``x / r``, whose derivative in ``r`` is ``−(x / r) / r``.
+
+    Reverse mode's ``−x / r²`` overflows (float32) for ``r`` below about ``1e-19``, where ``x / r``
+    is still ``O(1)``.
+    """
     return x / r
 
 

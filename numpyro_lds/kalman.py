@@ -66,17 +66,26 @@ __all__ = [
 class FilterResult(NamedTuple):
     """Kalman filter output: one-step predictions, filtered moments, log-normalizer."""
 
-    predicted_means: jnp.ndarray  # [T, k], E[z_t | x_{1:t-1}]
-    predicted_covs: jnp.ndarray  # [T, k, k]
-    filtered_means: jnp.ndarray  # [T, k], E[z_t | x_{1:t}]
-    filtered_covs: jnp.ndarray  # [T, k, k]
-    log_normalizer: jnp.ndarray  # [], log p(x_{1:T})
+    #: ``[T, k]``, the predictions ``m_{t|t-1} = E[z_t | x_{1:t-1}]`` (``m_0`` at ``t = 1``).
+    predicted_means: jnp.ndarray
+    #: ``[T, k, k]``, their covariances ``P_{t|t-1}`` (``P_0`` at ``t = 1``).
+    predicted_covs: jnp.ndarray
+    #: ``[T, k]``, the filtered means ``m_{t|t} = E[z_t | x_{1:t}]``.
+    filtered_means: jnp.ndarray
+    #: ``[T, k, k]``, the filtered covariances ``P_{t|t}``.
+    filtered_covs: jnp.ndarray
+    #: ``[]``, ``log p(x_{1:T}) = log ∫ chain · Π φ_t``.
+    log_normalizer: jnp.ndarray
 
 
 class Posterior(NamedTuple):
     """The conditioned chain, in reversed time, and its log-normalizer."""
 
+    #: The posterior as a :class:`~numpyro_lds.chains.GaussMarkovChain` in reversed time
+    #: (:func:`smoother_chain`): initial state ``z_T`` (``[k]``, ``[k, k]``), transitions
+    #: ``G, h, L`` (``[T − 1, k, k]``, ``[T − 1, k]``, ``[T − 1, k, k]``), last step first.
     backward_chain: GaussMarkovChain
+    #: ``[]``, ``log ∫ chain · Π φ_t``, as :attr:`FilterResult.log_normalizer`.
     log_normalizer: jnp.ndarray
 
 
@@ -117,8 +126,10 @@ def kalman_update(m, P, y, R, H, observed) -> KalmanUpdate:
 
 
 def _gain_and_residual_map(P, R, H, chol_innovation, diagonal):
-    """The gain ``K = P Hᵀ S⁻¹`` and ``I − K H``, accurate however much more (or less)
-    precise a potential is than ``P`` along each axis (derivation, section 11).
+    """The gain ``K = P Hᵀ S⁻¹`` and ``I − K H``.
+
+    Accurate however much more (or less) precise a potential is than ``P`` along each axis
+    (derivation, section 11).
 
     Here ``S = H P Hᵀ + R`` is the innovation covariance, given by its Cholesky factor
     ``chol_innovation``.
@@ -170,13 +181,14 @@ def kalman_filter(
     """Kalman filter of a forward chain against Gaussian potentials (Särkkä 2013, Thm 4.3).
 
     Args:
-      chain: the forward chain (the prior).
-      potentials: the potentials, masked or not (masked steps are neutral here).
+      chain: the forward chain (the prior), transitions ``[T − 1 or 1, ...]``.
+      potentials: the potentials (``mean [T, d]``), masked or not (masked steps are
+        neutral here).
       schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
 
     Returns:
       :class:`FilterResult`: predicted and filtered means ``[T, k]`` and covariances
-      ``[T, k, k]``, and ``log ∫ chain · Π φ_t``.
+      ``[T, k, k]``, and ``log ∫ chain · Π φ_t``, a scalar.
     """
     y, R, H, mask = masked_potentials(potentials)
     if schedule == "sequential":
@@ -292,13 +304,26 @@ def smoother_chain(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMark
     ``h_t = m^f_t − G_t m^p_{t+1}`` and ``L_t = P^f_t − G_t P^p_{t+1} G_tᵀ``, the latter in
     the Joseph form ``(I − G_t F_t) P^f_t (·)ᵀ + G_t S_t G_tᵀ``, PSD by construction.
     None of these depend on the backward pass, so they are computed for all t at once.
+
+    Args:
+      chain: the forward chain that was filtered, transitions ``[T − 1 or 1, ...]``.
+      filtered: its :class:`FilterResult` (means ``[T, k]``, covariances ``[T, k, k]``).
+
+    Returns:
+      :class:`~numpyro_lds.chains.GaussMarkovChain`: the posterior in reversed time, with
+      initial state ``z_T ~ N(m^f_T, P^f_T)`` (``[k]``, ``[k, k]``), then ``G [T − 1, k, k]``,
+      ``h [T − 1, k]`` and ``L [T − 1, k, k]``, entry ``i`` giving ``z_{T−1−i}`` from
+      ``z_{T−i}`` (the last step first).
     """
     return time_reversed(rts_kernels(chain, filtered))
 
 
 def rts_kernels(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovChain:
-    """:func:`smoother_chain` with its kernels indexed by forward time (``G_t, h_t, L_t``
-    at entry ``t``), as :func:`chain_moments` takes a chain with ``reverse=True``."""
+    """:func:`smoother_chain` with its kernels indexed by forward time.
+
+    ``G_t, h_t, L_t`` at entry ``t``, as :func:`~numpyro_lds.chains.chain_moments` takes a
+    chain with ``reverse=True``.
+    """
     k = filtered.filtered_means.shape[-1]
     F, _, S = transitions(chain)
     mf, Pf = filtered.filtered_means[:-1], filtered.filtered_covs[:-1]
@@ -319,6 +344,16 @@ def rts_gain(F, Pf, Pp):
 def condition_on_potentials(
     chain: GaussMarkovChain, potentials: Potentials, schedule="sequential"
 ) -> Posterior:
-    """Kalman filter + RTS backward kernels: the posterior chain and ``log ∫ p · Π φ_t``."""
+    """Kalman filter + RTS backward kernels: the posterior chain and ``log ∫ p · Π φ_t``.
+
+    Args:
+      chain: the forward chain ``p`` (the prior), transitions ``[T − 1 or 1, ...]``.
+      potentials: the potentials ``φ_t`` (``mean [T, d]``), masked or not.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+
+    Returns:
+      :class:`Posterior`: the backward chain of :func:`smoother_chain` (transitions
+      ``[T − 1, ...]``) and the log-normalizer, a scalar.
+    """
     filtered = kalman_filter(chain, potentials, schedule)
     return Posterior(smoother_chain(chain, filtered), filtered.log_normalizer)

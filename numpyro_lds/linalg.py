@@ -114,15 +114,26 @@ def _inverse_unrolled(a):
     return jnp.stack([r[..., k:] for r in rows], -2)
 
 
-def inverse(a):
-    """``a⁻¹`` for square, not necessarily symmetric ``a [..., k, k]``, by elimination with
-    partial pivoting (unrolled for ``k <= UNROLL_MAX_K``, LAPACK above, one matrix at a
-    time on CPU as :func:`cholesky`)."""
+def _unrolled_or_library(unrolled, library, a):
+    """``unrolled(a)`` for ``k <= UNROLL_MAX_K``, else ``library(a)``.
+
+    The library's factorization (LAPACK, or the GPU's) runs one matrix at a time on CPU
+    (:func:`_per_matrix`).
+    """
     if a.shape[-1] <= UNROLL_MAX_K:
-        return _inverse_unrolled(a)
+        return unrolled(a)
     if jax.default_backend() == "cpu" and a.ndim > 2:
-        return _per_matrix(jnp.linalg.inv, a)
-    return jnp.linalg.inv(a)
+        return _per_matrix(library, a)
+    return library(a)
+
+
+def inverse(a):
+    """``a⁻¹`` for square, not necessarily symmetric ``a [..., k, k]``.
+
+    By elimination with partial pivoting (unrolled for ``k <= UNROLL_MAX_K``, LAPACK above, one
+    matrix at a time on CPU as :func:`cholesky`).
+    """
+    return _unrolled_or_library(_inverse_unrolled, jnp.linalg.inv, a)
 
 
 def transpose(a):
@@ -309,12 +320,7 @@ def cho_solve(chol, b):
 
 def cholesky(a):
     """Lower Cholesky factor of the symmetrized ``a`` (NaN where ``a`` is not positive definite)."""
-    a = symmetrize(a)
-    if a.shape[-1] <= UNROLL_MAX_K:
-        return _cholesky_unrolled(a)
-    if jax.default_backend() == "cpu" and a.ndim > 2:
-        return _per_matrix(jnp.linalg.cholesky, a)
-    return jnp.linalg.cholesky(a)
+    return _unrolled_or_library(_cholesky_unrolled, jnp.linalg.cholesky, symmetrize(a))
 
 
 def logdet_from_chol(chol):

@@ -47,7 +47,7 @@ from numpyro_lds.linalg import (
     transpose,
 )
 from numpyro_lds.potentials import Potentials, emit, emit_cov, is_diagonal, masked_potentials
-from numpyro_lds.schedules import cat_last, check_schedule
+from numpyro_lds.schedules import cat_last, require_schedule
 from numpyro_lds.tangents import filter_tangent, smoothed_tangent
 
 __all__ = ["PosteriorStats", "posterior_log_prob", "posterior_sample", "posterior_stats"]
@@ -64,8 +64,12 @@ class PosteriorStats(NamedTuple):
     differentiate ``y − H m`` itself.
     """
 
+    #: The smoothed :class:`~numpyro_lds.chains.Moments` in forward time (``means [T, k]``,
+    #: ``covs [T, k, k]``, ``cross_covs [T − 1, k, k]``).
     moments: Moments
+    #: ``[]``, ``log Z = log ∫ chain · Π φ_t``.
     log_normalizer: jnp.ndarray
+    #: ``[T, d]``, ``y_t − H_t m_t`` for the smoothed means ``m_t``, 0 at masked steps.
     potential_residuals: jnp.ndarray
 
 
@@ -88,8 +92,19 @@ def posterior_stats(chain: GaussMarkovChain, potentials: Potentials, schedule="s
     Both are exact for every input (dynamics, initial state, potentials, emission
     matrices), not an approximation. The recursions run on the schedule of the forward
     pass, so the parallel schedule stays parallel.
+
+    Args:
+      chain: the forward chain (the prior), transitions ``[T − 1 or 1, ...]``.
+      potentials: the :class:`~numpyro_lds.potentials.Potentials` it is conditioned on
+        (``mean [T, d]``), masked or not.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+
+    Returns:
+      :class:`PosteriorStats`: smoothed ``means [T, k]``, ``covs [T, k, k]`` and
+      ``cross_covs [T − 1, k, k]``, the log-normalizer (a scalar) and the potentials'
+      residuals ``[T, d]``.
     """
-    check_schedule(schedule)
+    require_schedule(schedule)
     return _posterior_stats_custom(chain, potentials, schedule, tracing_state())
 
 
@@ -129,8 +144,9 @@ def _smoothed_moments(chain, filtered: FilterResult, schedule) -> Moments:
 
 
 def _smoothed_residuals(chain, potentials, filtered: FilterResult, smoothed_means):
-    """:attr:`PosteriorStats.potential_residuals`: ``y_t − H_t m_t`` for the smoothed
-    means ``m_t``, accurate to its own size (derivation, section 11), 0 at masked steps.
+    """:attr:`PosteriorStats.potential_residuals`: ``y_t − H_t m_t`` for the smoothed means ``m_t``.
+
+    Accurate to its own size (derivation, section 11), 0 at masked steps.
 
     The filtered residual is a ratio, ``y − H m^f = (I − H K)(y − H m^p) = R S⁻¹ (y − H
     m^p)``, and the smoother adds ``−H_t G_t (m_{t+1} − m^p_{t+1})``, whose gain rows along a
@@ -272,6 +288,16 @@ def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, sched
     the backward kernels of forward-filtering backward-sampling cost 5–19 draws (measured
     on CPU, k = 4 and 16, T = 100 … 1 000). Masked steps' noise is drawn and unused. See
     ``docs/derivation.md``, section 8.
+
+    Args:
+      chain: the forward chain (the prior), transitions ``[T − 1 or 1, ...]``.
+      potentials: the :class:`~numpyro_lds.potentials.Potentials` it is conditioned on
+        (``mean [T, d]``), masked or not.
+      eps: standard normals ``[T, k + d]``.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+
+    Returns:
+      The draw ``z [T, k]``.
     """
     k = chain.initial_mean.shape[-1]
     eps_z, eps_y = eps[..., :k], eps[..., k:]
@@ -301,8 +327,18 @@ def posterior_log_prob(chain: GaussMarkovChain, potentials: Potentials, z, sched
     the filter's scan instead cost 8-10 times the value (CPU, ``k = 4`` and 16). The value
     keeps the backward form: the identity's sum of large terms that cancel loses more
     digits in float32.
+
+    Args:
+      chain: the forward chain (the prior), transitions ``[T − 1 or 1, ...]``.
+      potentials: the :class:`~numpyro_lds.potentials.Potentials` it is conditioned on
+        (``mean [T, d]``), masked or not.
+      z: paths ``[..., T, k]``, in forward time.
+      schedule: one of :data:`~numpyro_lds.schedules.SCHEDULES`.
+
+    Returns:
+      ``[...]``, one log-density per path.
     """
-    check_schedule(schedule)
+    require_schedule(schedule)
     return _posterior_log_prob(chain, potentials, z, schedule, tracing_state())
 
 

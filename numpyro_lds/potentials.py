@@ -33,10 +33,15 @@ class Potentials(NamedTuple):
     ``k > 8``), and its gradient is ``None``.
     """
 
-    mean: jnp.ndarray  # [T, d]
-    cov: jnp.ndarray  # [T, d, d], or [T, d]: diagonal
-    emission_matrix: jnp.ndarray | None  # [T or 1, d, k]; None: the identity
-    mask: jnp.ndarray  # [T] bool; False: no potential at that step
+    #: ``[T, d]``, the potentials' means ``y_t``.
+    mean: jnp.ndarray
+    #: ``[T, d, d]``, the covariances ``R_t``, or ``[T, d]``, the variances of diagonal ones.
+    cov: jnp.ndarray
+    #: ``[T or 1, d, k]``, the emission matrices ``H_t`` (1 when shared by every step), or
+    #: None for the identity (``d = k``).
+    emission_matrix: jnp.ndarray | None
+    #: ``[T]`` bool, False where there is no potential at that step.
+    mask: jnp.ndarray
 
 
 def is_diagonal(R, y):

@@ -29,10 +29,17 @@ from numpyro_lds.linalg import (
     tracing,
 )
 
-__all__ = ["PARALLEL_BLOCK", "SCHEDULES", "check_schedule", "prefix_scan", "resolve_schedule"]
+__all__ = [
+    "PARALLEL_BLOCK",
+    "SCHEDULES",
+    "check_schedule",
+    "prefix_scan",
+    "require_schedule",
+    "resolve_schedule",
+]
 
 
-#: The values ``schedule=`` takes (None picks one by backend: :func:`resolve_schedule`).
+#: The values ``schedule=`` takes (None picks one by backend, see :func:`resolve_schedule`).
 SCHEDULES = ("sequential", "blocked", "parallel")
 
 
@@ -41,9 +48,42 @@ PARALLEL_BLOCK = 16
 
 
 def check_schedule(schedule):
-    """Return ``schedule`` if it is None or one of :data:`SCHEDULES`, else raise ValueError."""
+    """Return ``schedule`` if it is None or one of :data:`SCHEDULES`, else raise ValueError.
+
+    Args:
+      schedule: the ``schedule=`` argument as given.
+
+    Returns:
+      ``schedule`` itself, None or one of :data:`SCHEDULES`.
+
+    Raises:
+      ValueError: for any other value.
+    """
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def require_schedule(schedule):
+    """Return ``schedule`` if it is one of :data:`SCHEDULES`, else raise ValueError.
+
+    The core functions take an explicit schedule: ``None`` is resolved where the schedule
+    enters from a user (the distributions' constructors, :func:`resolve_schedule`).
+
+    Args:
+      schedule: the schedule a core function was given.
+
+    Returns:
+      ``schedule`` itself.
+
+    Raises:
+      ValueError: for ``None`` or any value not in :data:`SCHEDULES`.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"schedule must be one of {SCHEDULES} (resolve None with resolve_schedule), "
+            f"got {schedule!r}"
+        )
     return schedule
 
 
@@ -52,6 +92,15 @@ def resolve_schedule(schedule):
 
     The default is ``"sequential"`` on CPU and ``"parallel"`` on GPU/TPU, chosen by the
     measurements in ``benchmarks/results/`` (README, "Speed").
+
+    Args:
+      schedule: None or one of :data:`SCHEDULES`.
+
+    Returns:
+      One of :data:`SCHEDULES`, a string.
+
+    Raises:
+      ValueError: for a ``schedule`` that is neither (:func:`check_schedule`).
     """
     if check_schedule(schedule) is not None:
         return schedule
@@ -64,16 +113,21 @@ def prefix_scan(op, elems, schedule):
     Args:
       op: associative ``op(a, b)`` (``a`` earlier in time) on pytrees whose leaves carry
         any leading batch axes.
-      elems: pytree of arrays with a leading axis of length ``n``.
+      elems: pytree of arrays with a leading axis of length ``n`` (the time axis: ``n`` is
+        ``T`` for a recursion over the states), ``[n, ...]``.
       schedule: ``"sequential"`` (one scan step per element), ``"parallel"`` (blocks of
         :data:`PARALLEL_BLOCK` elements, then the block totals, each by recursive
         doubling) or ``"blocked"`` (two-level scan), see module docs.
 
     Returns:
-      The prefixes, with the structure and shapes of ``elems``.
+      The prefixes, with the structure and shapes of ``elems`` (``[n, ...]`` leaf by
+      leaf): entry ``i`` is ``e_1∘…∘e_{i+1}``.
+
+    Raises:
+      ValueError: for ``schedule=None`` (resolve it first, :func:`resolve_schedule`) or
+        any value not in :data:`SCHEDULES`.
     """
-    if check_schedule(schedule) is None:
-        raise ValueError("prefix_scan needs an explicit schedule")
+    require_schedule(schedule)
     n = jax.tree.leaves(elems)[0].shape[0]
     if schedule == "parallel":
         if n <= PARALLEL_BLOCK:
@@ -174,9 +228,12 @@ def _sequential_in_blocks(op, elems):
 
 
 def _two_level_prefix_scan(op, elems, n, size, scan_within, scan_across):
-    """Prefixes of ``n`` elements in blocks of ``size``: ``scan_within`` (a prefix scan
-    along the leading axis) in every block at once, ``scan_across`` over the block totals,
-    then each block's prefixes combined with the total of the blocks before it."""
+    """Prefixes of ``n`` elements in blocks of ``size``.
+
+    ``scan_within`` (a prefix scan along the leading axis) in every block at once, ``scan_across``
+    over the block totals, then each block's prefixes combined with the total of the blocks before
+    it.
+    """
     num_blocks = -(-n // size)
     pad = num_blocks * size - n
 
