@@ -4,8 +4,8 @@ Whole benchmark runs on a shared machine differ by 10-40%, more than most single
 gain. This script compiles the same functions as ``bench_kl.py`` (``bench_kl.ours``) from
 the package at a git revision and from the working tree, then alternates their calls, so
 that any drift in the machine's speed hits both alike; it prints the median of each and
-its compile time. The A/B numbers of ``docs/performance.md`` ("Divides and square roots
-in a scan body") were measured this way.
+its compile time. Changes to the core are measured this way against the commit before
+them (``docs/performance.md``, introduction).
 
     python benchmarks/ab_interleaved.py --base HEAD~1 --k 4 --T 10000 --schedule sequential
 

@@ -67,7 +67,7 @@ def batch_map(fn, batch_shape, args, event_ndims):
         return jax.tree.map(lambda y: jnp.broadcast_to(y, batch_shape + y.shape), out)
     if size == 1:
         # A batch of one runs unbatched: XLA compiles the vmapped per-step algebra of a
-        # size-1 batch 2-3x slower (seen on CPU for the KL's expectations at T = 10⁴).
+        # size-1 batch to slower code on CPU (docs/performance.md, design notes).
         squeeze = lambda x, nd: x.reshape(x.shape[x.ndim - nd :]) if has_batch(x, nd) else x  # noqa: E731
         out = fn(*jax.tree.map(lambda x, nd: squeeze(jnp.asarray(x), nd), args, event_ndims))
         return jax.tree.map(lambda y: y.reshape(batch_shape + y.shape), out)

@@ -137,11 +137,8 @@ def chain_moments(
     if schedule != "parallel":
 
         def step(carry, x):
-            m, P = carry
-            F_t, c_t, S_t = x
-            m_next = matvec(F_t, m) + c_t
-            P_next = quad_form(F_t, P) + S_t
-            return (m_next, P_next), (m_next, P_next)
+            moments = _apply_affine(_Affine(*x), *carry)
+            return moments, moments
 
         _, (ms, Ps) = scan_steps(step, (m0, P0), (F, c, S), num_steps - 1, reverse=reverse)
         if reverse:
@@ -226,8 +223,7 @@ def affine_recursion(x0, F, c, schedule):
         return prefix_scan(_compose_affine, cat_first(first, steps), schedule).c
 
     def step(x, inputs):
-        F_t, c_t = inputs
-        x = matvec(F_t, x) + c_t
+        x = _apply_affine(_Affine(*inputs, None), x)
         return x, x
 
     _, xs = scan_steps(step, x0, (F, c), num_steps - 1)
@@ -258,7 +254,18 @@ class _Affine(NamedTuple):
     S: jnp.ndarray | None
 
 
+def _apply_affine(e, mean, cov=None):
+    """The law ``N(mean, cov)`` (``cov`` None: the point ``mean``) pushed through ``e``.
+
+    The one step of every affine recursion: scanned step by step, or inside
+    :func:`_compose_affine` as the associative element's combination.
+    """
+    new_mean = matvec(e.F, mean) + e.c
+    return new_mean if cov is None else (new_mean, quad_form(e.F, cov) + e.S)
+
+
 def _compose_affine(e1, e2):
     """``e2 ∘ e1``: first ``e1``, then ``e2``."""
-    S = None if e1.S is None else quad_form(e2.F, e1.S) + e2.S
-    return _Affine(matmul(e2.F, e1.F), matvec(e2.F, e1.c) + e2.c, S)
+    if e1.S is None:
+        return _Affine(matmul(e2.F, e1.F), _apply_affine(e2, e1.c), None)
+    return _Affine(matmul(e2.F, e1.F), *_apply_affine(e2, e1.c, e1.S))

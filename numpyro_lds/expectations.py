@@ -248,8 +248,8 @@ def expected_log_joint_along_grad(
     det(2πΣ)/2`` with ``Λ = Σ⁻¹`` and scatter ``S = V_w + w e eᵀ + ė eᵀ + e ėᵀ``,
     ``∂/∂e = −r`` with ``r = Λ(w e + ė)``, ``∂/∂ė = −Λ e``, ``∂/∂V_w = −Λ/2`` and
     ``∂/∂Σ = (Λ S Λ − w Λ)/2``. Reverse mode of the same algebra transposes every small
-    product into reductions that XLA's CPU backend hands to a library call one by one
-    (2× slower at k = 4). ``e`` and ``V`` are linear in the moments: ``∂/∂E[x] = −Λ e``
+    product into reductions that XLA's CPU backend hands to a library call one by one.
+    ``e`` and ``V`` are linear in the moments: ``∂/∂E[x] = −Λ e``
     (pushed through ``e``'s linear map), and ``∂/∂V = −Λ/2`` likewise through ``V``'s.
     """
     dtype = moments.means.dtype

@@ -263,7 +263,8 @@ def _kl(q, p):
 
     Against its own prior, ``log q = log p + Σ_t log φ_t − log Z`` makes every transition
     term cancel: :meth:`~numpyro_lds.LDSPosterior.kl_to_prior` computes only the potentials'
-    expected log-densities (Terms A–C, whose gradients are written out too, cost about 1.1×).
+    expected log-densities (Terms A–C, whose gradients are written out too, cost a little
+    more: ``docs/performance.md``).
     """
     if _conditions(q, p):
         return q.kl_to_prior()

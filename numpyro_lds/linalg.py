@@ -19,13 +19,12 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 
 # Small matrices (k <= UNROLL_MAX_K) are factorized and solved with unrolled elementwise
-# operations: XLA fuses them, and they are several times faster than LAPACK calls per step.
+# operations: XLA fuses them, where a LAPACK call per step is one library call each.
 # Larger matrices use LAPACK (cuSolver on GPUs). On CPU a *batch* of them (the per-step
 # algebra vectorized over time) is factorized matrix by matrix in a loop (`_per_matrix`),
 # never in one batched LAPACK call: on a 2-thread CPU, jaxlib 0.10's runtime deadlocks when
 # it runs two batched LAPACK calls concurrently (seen with the KL gradient at k = 4,
-# T = 3·10⁴ before unrolling, and with the KL at k = 64, T = 1 000). The loop of single
-# calls is 4-5x faster than the elementwise fori_loop factorization used before it.
+# T = 3·10⁴ before unrolling, and with the KL at k = 64, T = 1 000).
 UNROLL_MAX_K = 8
 
 
@@ -177,7 +176,7 @@ def tracing_state() -> tuple[int, int]:
     the call have exited: pass this state to the custom VJP as a non-differentiable argument
     and trace both rules under :func:`traced_as` it. Lost, a vmapped sequence's scans take
     the single-matrix forms, whose reductions XLA hands to a library call one product at a
-    time (KL + gradient at batch 64, ``k = 4``, ``T = 1 000``: 1.25-1.35x slower).
+    time.
     """
     return (_CONTEXT.loop, _CONTEXT.batched)
 
@@ -208,8 +207,8 @@ def _scalar_loop_body(*arrays):
     "expensive" operation into several consumers), and a kernel launch costs more than
     its arithmetic: the unrolled Cholesky takes one ``rsqrt`` per column and the
     triangular solves one reciprocal of the diagonal, then products (``k`` kernels instead
-    of ``k (k + 1) / 2``; the sequential KL at ``k = 4`` 1.2x faster). Vectorized code
-    (batches, blocks) keeps the divides, which measured faster there.
+    of ``k (k + 1) / 2``). Vectorized code (batches, blocks) keeps the divides, which
+    measured faster there (``docs/performance.md``, design notes).
     """
     return jax.default_backend() == "cpu" and not _elementwise_products(*arrays)
 
@@ -237,10 +236,9 @@ def matmul(a, b):
     - a sum of ``k`` elementwise products, wherever the operands are batched (under
       :func:`tracing` ``batched=True``, or with batch dims) or outside a scan body. A
       reduction instead would be handed by XLA's CPU backend to YNNPACK once it spans
-      4 096 elements, one library call per product, which inside a loop body made the
-      blocked schedule 4x slower;
+      4 096 elements, one library call per product, slow inside a loop body;
     - a broadcast product and one reduction, for single matrices in a scan body (fuses
-      into fewer kernels: the sequential filter step 1.5x faster than the sum form), and
+      into fewer kernels than the sum form), and
       on GPUs, where the reduction is what was measured (``benchmarks/gpu_check.py``).
     """
     k = a.shape[-1]
