@@ -356,7 +356,9 @@ class AutoLDSGuide(AutoGuide):
                 full_size = self._prototype_frame_full_sizes[frame.name]
                 if full_size != frame.size:
                     values = {
-                        n: periodic_repeat(v, full_size, frame.dim - self._event_dim(name, n))
+                        n: periodic_repeat(
+                            v, full_size, frame.dim - self.potential_event_dim(name, n)
+                        )
                         for n, v in values.items()
                     }
             out[name] = values
@@ -394,7 +396,19 @@ class AutoLDSGuide(AutoGuide):
         """Natural parameters ``(h, Λ)`` of site ``name``'s potentials in ``params``."""
         return information_from_potential(*(params[n] for n in self.potential_param_names(name)))
 
-    def _event_dim(self, name, param_name):
+    @property
+    def lds_sites(self) -> list[str]:
+        """Names of the model's LDS sites, each with an ``LDSPosterior`` in the guide.
+
+        Empty until the guide has seen the model (its first call or ``svi.init``).
+        """
+        return list(self._lds_sites)
+
+    def potential_event_dim(self, name, param_name):
+        """The number of per-sequence (trailing) dims of potential parameter ``param_name``.
+
+        For LDS site ``name``; its plates' dims come before them.
+        """
         event_dim = self._lds_sites[name]["fn"].event_dim
         return event_dim + 1 if param_name.endswith("_root_upper") else event_dim
 
@@ -424,7 +438,7 @@ class AutoLDSGuide(AutoGuide):
                     param_name,
                     lambda _, n=param_name: self._initial(name)[n],
                     constraint=constraint,
-                    event_dim=self._event_dim(name, param_name),
+                    event_dim=self.potential_event_dim(name, param_name),
                 )
             )
         obs, root = values[0], potential_root(*values[1:])

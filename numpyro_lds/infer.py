@@ -124,14 +124,14 @@ class NaturalGradientSVI(SVI):
     # -- state ---------------------------------------------------------------------
     def _potential_names(self):
         names = []
-        for site in self.guide._lds_sites:
+        for site in self.guide.lds_sites:
             names.extend(self.guide.potential_param_names(site))
         return names
 
     def init(self, rng_key, *args, init_params=None, **kwargs):
         """The initial state: the potentials apart, every other parameter in ``optim``."""
         state = super().init(rng_key, *args, init_params=init_params, **kwargs)
-        if not self.guide._lds_sites:
+        if not self.guide.lds_sites:
             raise ValueError(
                 "NaturalGradientSVI needs a model with a LinearGaussianStateSpace site; "
                 "this model has none"
@@ -164,8 +164,8 @@ class NaturalGradientSVI(SVI):
             seeded = handlers.seed(handlers.substitute(guide, data=params), rng_seed=key)
             trace = handlers.trace(seeded).get_trace(*args, **kwargs)
             fn = guide.log_likelihood_fn(trace, params, *args, **kwargs)
-            means = {n: unwrap(trace[n]["fn"])[0].mean for n in guide._lds_sites}
-            draw = {n: trace[n]["value"] for n in guide._lds_sites}
+            means = {n: unwrap(trace[n]["fn"])[0].mean for n in guide.lds_sites}
+            draw = {n: trace[n]["value"] for n in guide.lds_sites}
             mirrored = {n: 2 * means[n] - draw[n] for n in draw}
             for z in (draw, mirrored):
                 g, h = likelihood_curvature(fn, z)
@@ -185,12 +185,15 @@ class NaturalGradientSVI(SVI):
         grads, hessians, trace, means = self._expected_curvature(rng_key, params, args, kwargs)
         new = dict(potentials)
         num_clipped = jnp.zeros((), jnp.int32)
-        for name in guide._lds_sites:
+        for name in guide.lds_sites:
             site = trace[name]
             scale = 1.0 if site["scale"] is None else site["scale"]
             rows = _subsample_rows(site, trace, guide._prototype_frame_full_sizes)
             names = guide.potential_param_names(name)
-            current = {n: _take_rows(potentials[n], rows, guide._event_dim(name, n)) for n in names}
+            current = {
+                n: _take_rows(potentials[n], rows, guide.potential_event_dim(name, n))
+                for n in names
+            }
             h, lam, clipped = natural_step(
                 *guide.potential_information(name, current),
                 means[name],
@@ -200,7 +203,7 @@ class NaturalGradientSVI(SVI):
                 diagonal=guide.potential_form == "diagonal",
             )
             for n, v in guide.potential_params(name, h, lam).items():
-                new[n] = _put_rows(potentials[n], v, rows, guide._event_dim(name, n))
+                new[n] = _put_rows(potentials[n], v, rows, guide.potential_event_dim(name, n))
             num_clipped = num_clipped + jnp.sum(clipped, dtype=jnp.int32)
         return new, num_clipped
 
