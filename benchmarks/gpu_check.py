@@ -72,7 +72,7 @@ def kl_value_and_grad(T, k, dtype, device, schedule, formula="shortcut"):
 
 def log_prob_value_and_grad(T, k, dtype, device, schedule):
     """``LDSPosterior.log_prob`` at a fixed path and its gradient w.r.t. the potentials and
-    the path (the written-out gradient of ``kalman.posterior_log_prob``)."""
+    the path (the written-out gradient of ``posterior.posterior_log_prob``)."""
     A, y, var, mask = problem(T, k)
     put = lambda x: jax.device_put(jnp.asarray(x, dtype), device)  # noqa: E731
     prior = build_prior(T, k, A, put, schedule)

@@ -432,8 +432,8 @@ def _node_residuals(moments, potentials, tangent, weight, residuals=None):
     """The potentials' ``P_w`` (for the gradient) and ``e = y − H m``, ``ė``, ``V_w``.
 
     ``V_w = H P_w Hᵀ``; for diagonal covariances only its diagonal ``[T, d]``.
-    ``residuals`` (``[T, d]``, from :func:`posterior_stats`) replace the value of
-    ``y − H m``, which has lost its digits where a potential pins ``H m`` to ``y``; the
+    ``residuals`` (``[T, d]``, from :func:`~numpyro_lds.posterior.posterior_stats`)
+    replace the value of ``y − H m``, which has lost its digits where a potential pins ``H m`` to ``y``; the
     derivative is still that of ``y − H m``.
     """
     y, R, H, _ = masked_potentials(potentials)
