@@ -433,8 +433,8 @@ def _node_residuals(moments, potentials, tangent, weight, residuals=None):
 
     ``V_w = H P_w Hᵀ``; for diagonal covariances only its diagonal ``[T, d]``.
     ``residuals`` (``[T, d]``, from :func:`~numpyro_lds.posterior.posterior_stats`)
-    replace the value of ``y − H m``, which has lost its digits where a potential pins ``H m`` to ``y``; the
-    derivative is still that of ``y − H m``.
+    replace the value of ``y − H m``, which has lost its digits where a potential pins
+    ``H m`` to ``y``; the derivative is still that of ``y − H m``.
     """
     y, R, H, _ = masked_potentials(potentials)
     P = _along(weight, moments.covs, None if tangent is None else tangent.covs)
