@@ -22,7 +22,6 @@ from numpyro_lds.chains import (
     chain_log_prob,
     chain_moments,
     chain_sample,
-    reverse_moments,
 )
 from numpyro_lds.expectations import expected_potential_log_prob
 from numpyro_lds.kalman import condition_on_potentials
@@ -244,14 +243,12 @@ class _ChainDistribution(Distribution):
     """Shared behaviour of distributions that are Gauss–Markov chains over ``[T, k]``.
 
     Subclasses provide ``_core_args`` (the arrays and their per-sequence ndims) and
-    ``_single_chain`` (the chain of one sequence); ``_chain_reversed`` says whether that
-    chain runs backward in time. Everything else is generic, except that a backward chain
-    (``LDSPosterior``) supplies its own draws and log-density.
+    ``_single_chain`` (the chain of one sequence). Everything else is generic, except that
+    a backward chain (``LDSPosterior``) supplies its own moments, draws and log-density.
     """
 
     support = constraints.real_matrix
     pytree_aux_fields = ("schedule",)
-    _chain_reversed = False
     schedule: str | None = None
 
     def get_args(self):
@@ -267,9 +264,7 @@ class _ChainDistribution(Distribution):
 
     @classmethod
     def _single_moments(cls, args, num_steps, schedule) -> Moments:
-        chain = cls._single_chain(args, num_steps, schedule)
-        moments = chain_moments(chain, num_steps, schedule)
-        return reverse_moments(moments) if cls._chain_reversed else moments
+        return chain_moments(cls._single_chain(args, num_steps, schedule), num_steps, schedule)
 
     @classmethod
     def _single_entropy(cls, args, num_steps, schedule):
@@ -671,7 +666,6 @@ class LDSPosterior(_ChainDistribution):
         "emission_matrix",
         "potential_mask",
     )
-    _chain_reversed = True
 
     def __init__(
         self,

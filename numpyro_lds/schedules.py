@@ -67,8 +67,8 @@ def check_schedule(schedule):
 def require_schedule(schedule):
     """Return ``schedule`` if it is one of :data:`SCHEDULES`, else raise ValueError.
 
-    The core functions take an explicit schedule: ``None`` is resolved where the schedule
-    enters from a user (the distributions' constructors, :func:`resolve_schedule`).
+    The core functions that check their schedule take an explicit one: the distributions
+    keep a user's ``None`` and resolve it (:func:`resolve_schedule`) when they compute.
 
     Args:
       schedule: the schedule a core function was given.
