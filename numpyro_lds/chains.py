@@ -30,7 +30,14 @@ from numpyro_lds.linalg import (
     symmetrize,
     transpose,
 )
-from numpyro_lds.schedules import along_time, cat_first, cat_last, prefix_scan, scan_steps
+from numpyro_lds.schedules import (
+    along_time,
+    cat_first,
+    cat_last,
+    prefix_scan,
+    require_schedule,
+    scan_steps,
+)
 
 __all__ = [
     "GaussMarkovChain",
@@ -130,6 +137,7 @@ def chain_moments(
       :class:`Moments`: ``means [T, k]``, ``covs [T, k, k]`` and
       ``cross_covs [T − 1, k, k]``, in forward time.
     """
+    require_schedule(schedule)
     if reverse and schedule == "parallel":
         return reverse_moments(chain_moments(time_reversed(chain), num_steps, schedule))
     m0, P0 = chain.initial_mean, symmetrize(chain.initial_cov)
@@ -206,6 +214,7 @@ def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
     Returns:
       The path ``z [T, k]``.
     """
+    require_schedule(schedule)
     F, c, _ = transitions(chain)
     z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
     return affine_recursion(z0, F, c + matvec(cholesky(chain.transition_cov), eps[1:]), schedule)
@@ -216,6 +225,7 @@ def affine_recursion(x0, F, c, schedule):
 
     ``c`` has ``T − 1`` steps; ``F`` too, or 1 when shared.
     """
+    require_schedule(schedule)
     num_steps = c.shape[0] + 1
     if schedule == "parallel":
         first = _Affine(jnp.zeros(F.shape[1:], F.dtype), x0, None)

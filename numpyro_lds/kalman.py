@@ -52,7 +52,14 @@ from numpyro_lds.potentials import (
     is_diagonal,
     masked_potentials,
 )
-from numpyro_lds.schedules import along_time, cat_first, from_start, prefix_scan, scan_steps
+from numpyro_lds.schedules import (
+    along_time,
+    cat_first,
+    from_start,
+    prefix_scan,
+    require_schedule,
+    scan_steps,
+)
 
 __all__ = [
     "FilterResult",
@@ -152,9 +159,9 @@ def _gain_and_residual_map(P, R, H, chol_innovation, diagonal):
     k = P.shape[-1]
     eye = jnp.eye(k, dtype=P.dtype)
     if H is None:
-        S_inv = cho_solve(chol_innovation, jnp.broadcast_to(eye, chol_innovation.shape))
-        I_KH = R[..., :, None] * S_inv if diagonal else matmul(R, S_inv)
-        K_direct, K_precise = matmul(P, S_inv), eye - I_KH
+        innovation_inv = cho_solve(chol_innovation, jnp.broadcast_to(eye, chol_innovation.shape))
+        I_KH = R[..., :, None] * innovation_inv if diagonal else matmul(R, innovation_inv)
+        K_direct, K_precise = matmul(P, innovation_inv), eye - I_KH
         R_diag = R if diagonal else jnp.diagonal(R, axis1=-2, axis2=-1)
         precise = R_diag <= jnp.diagonal(P, axis1=-2, axis2=-1)
     else:
@@ -190,6 +197,7 @@ def kalman_filter(
       :class:`FilterResult`: predicted and filtered means ``[T, k]`` and covariances
       ``[T, k, k]``, and ``log ∫ chain · Π φ_t``, a scalar.
     """
+    require_schedule(schedule)
     y, R, H, mask = masked_potentials(potentials)
     if schedule == "sequential":
         mf, Pf, log_normalizer = _sequential_filter(chain, y, R, H, mask)
