@@ -166,16 +166,8 @@ def _expected_log_density(moments, chain, potentials, residuals, transition, ini
     the same matrix at every step), where reverse mode would transpose and store every
     product of the value.
     """
-    return expected_log_joint_along(
-        moments,
-        None,
-        1.0,
-        chain,
-        potentials,
-        initial=initial,
-        residuals=residuals,
-        transition=transition,
-    )
+    terms = {"initial": initial, "residuals": residuals, "transition": transition}
+    return expected_log_joint_along(moments, None, 1.0, chain, potentials, **terms)
 
 
 def _expected_log_density_fwd(moments, chain, potentials, residuals, transition, initial):
@@ -185,16 +177,9 @@ def _expected_log_density_fwd(moments, chain, potentials, residuals, transition,
 
 def _expected_log_density_bwd(initial, res, g):
     moments, chain, potentials, residuals, transition = res
+    terms = {"initial": initial, "residuals": residuals, "transition": transition}
     grads = expected_log_joint_along_grad(
-        moments,
-        None,
-        1.0,
-        chain,
-        potentials,
-        initial=initial,
-        moments_grad=True,
-        residuals=residuals,
-        transition=transition,
+        moments, None, 1.0, chain, potentials, moments_grad=True, **terms
     )
     # Every gradient of the value is g times its gradient at g = 1. The residuals only
     # give the value of y − H m, whose derivative is in the others' gradients.

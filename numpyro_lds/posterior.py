@@ -1,8 +1,10 @@
 """A chain conditioned on potentials: its moments, draws and log-density, with their VJPs.
 
-Each public function here has a custom VJP that does not run reverse mode through the
-filter's and the smoother's scans (``docs/derivation.md``, section 8); each ``defvjp``
-follows its backward pass.
+No gradient here runs reverse mode through the filter's and the smoother's scans
+(``docs/derivation.md``, section 8): :func:`posterior_stats` and
+:func:`posterior_log_prob` have custom VJPs, each ``defvjp`` right after its backward
+pass, and :func:`posterior_sample` is a prior path (an affine recursion, differentiated
+by reverse mode) plus a smoothed mean, whose gradient is :func:`posterior_stats`'.
 """
 
 from __future__ import annotations
