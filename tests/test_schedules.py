@@ -17,6 +17,9 @@ from numpyro.distributions.kl import kl_divergence
 import reference as ref
 from helpers import dense, random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
+from numpyro_lds.chains import affine_recursion, chain_moments, chain_sample
+from numpyro_lds.kalman import kalman_filter
+from numpyro_lds.posterior import posterior_log_prob, posterior_stats
 from numpyro_lds.schedules import PARALLEL_BLOCK, SCHEDULES, prefix_scan
 
 RTOL = 1e-8
@@ -155,3 +158,29 @@ def test_default_schedule_is_sequential_on_cpu_and_parallel_on_accelerators():
     prior, _ = _make(CASES[0], None)
     expected = "sequential" if jax.default_backend() == "cpu" else "parallel"
     assert prior._resolved_schedule() == expected
+
+
+@pytest.mark.parametrize("schedule", [None, "fast", True])
+def test_core_functions_refuse_anything_but_an_explicit_schedule(schedule):
+    """The distributions resolve ``None``; the core functions that take a schedule check it
+    where it enters, before any work, rather than treating an unknown one as sequential."""
+    rng = np.random.default_rng(0)
+    post = random_posterior(rng, random_prior(rng, 2, 4))
+    (chain, potentials), _ = post.sequence_args()
+    calls = {
+        "chain_moments": lambda: chain_moments(chain, 4, schedule),
+        "chain_sample": lambda: chain_sample(chain, jnp.zeros((4, 2)), schedule),
+        "affine_recursion": lambda: affine_recursion(
+            jnp.zeros(2), chain.transition_matrix, jnp.zeros((3, 2)), schedule
+        ),
+        "kalman_filter": lambda: kalman_filter(chain, potentials, schedule),
+        "posterior_stats": lambda: posterior_stats(chain, potentials, schedule),
+        "posterior_log_prob": lambda: posterior_log_prob(
+            chain, potentials, jnp.zeros((4, 2)), schedule
+        ),
+        "prefix_scan": lambda: prefix_scan(jnp.add, jnp.zeros(4), schedule),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"schedule must be one of .*got {schedule!r}"):
+            call()
+            pytest.fail(f"{name} accepted schedule={schedule!r}")
