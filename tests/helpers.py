@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,13 @@ def guide_potentials(mean, var, site="z", form="diagonal"):
         k = root_diag.shape[-1]
         params[f"{site}_auto_potential_root_upper"] = jnp.zeros(root_diag.shape + (k,))
     return params
+
+
+def user_environment(**overrides):
+    """The environment a user's shell would give a script: this process's, without the
+    XLA flags the test suite sets for itself (``conftest.TEST_XLA_FLAGS``)."""
+    env = dict(os.environ)
+    if env.get("XLA_FLAGS") == env.pop("NUMPYRO_LDS_TEST_XLA_FLAGS", None):
+        env.pop("XLA_FLAGS", None)
+    env.update(overrides)
+    return env

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import user_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = [
@@ -50,8 +52,8 @@ def test_example_runs(script, args, tmp_path):
 def test_sharded_example_runs_as_documented():
     """The README's command, ``XLA_FLAGS=--xla_force_host_platform_device_count=2 python
     examples/sharded_svi.py``, at small sizes through its own flags."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    env = user_environment(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
     )
     args = ["--num-sequences", "4", "--num-timesteps", "20", "--num-steps", "30"]
     proc = subprocess.run(

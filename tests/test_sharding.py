@@ -38,9 +38,8 @@ print(json.dumps({
 
 def test_two_device_sharded_svi_matches_one_device():
     # two simulated host devices: on the CPU backend, also where an accelerator is present
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
-    )
+    flags = "--xla_force_host_platform_device_count=2 " + os.environ.get("XLA_FLAGS", "")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,
