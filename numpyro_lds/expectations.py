@@ -56,7 +56,7 @@ def expected_transition_log_prob(moments: Moments, chain: GaussMarkovChain, tran
     With ``e_t = z_{t+1} − F_t z_t − c_t``: ``E[e_t] = m_{t+1} − F_t m_t − c_t`` and
     ``Cov(e_t) = P_{t+1} − C_t F_tᵀ − F_t C_tᵀ + F_t P_t F_tᵀ`` (``C_t = Cov(z_{t+1}, z_t)``).
     This is Term C of ``docs/derivation.md``. Its gradient is written out (see
-    :func:`_expected_log_density`). ``transition``: :func:`forward_transition_residuals`
+    ``_expected_log_density``). ``transition``: :func:`forward_transition_residuals`
     of the chain the moments are of, when it runs forward (``None``: from the moments).
 
     Args:
@@ -84,7 +84,7 @@ def forward_transition_residuals(q_chain: GaussMarkovChain, moments: Moments, ch
     ``(F_q − F) P_t (F_q − F)ᵀ + S_q`` and ``E[e_t] = (F_q − F) m_t + c_q − c``: sums of
     terms no larger than the result where ``q`` and ``chain`` are alike. ``V`` is summed
     over the steps where ``chain``'s dynamics are shared (see
-    :func:`_transition_residuals`).
+    ``_transition_residuals``).
 
     Args:
       q_chain: the forward chain ``q`` (``F_q, c_q, S_q``), transitions
@@ -112,8 +112,9 @@ def forward_transition_residuals(q_chain: GaussMarkovChain, moments: Moments, ch
 def expected_potential_log_prob(moments: Moments, potentials: Potentials, residuals=None):
     """``Σ_t mask_t E[log N(mean_t; H_t z_t, cov_t)]`` under a Gaussian with ``moments``.
 
-    ``residuals``: :attr:`PosteriorStats.potential_residuals` when ``moments`` are a
-    posterior's (``None``: the residuals ``y − H m`` as they are).
+    ``residuals``: the ``potential_residuals`` of
+    :class:`~numpyro_lds.posterior.PosteriorStats` when ``moments`` are a posterior's
+    (``None``: the residuals ``y − H m`` as they are).
 
     Args:
       moments: the Gaussian's :class:`~numpyro_lds.chains.Moments` (``means [T, k]``,
@@ -122,7 +123,7 @@ def expected_potential_log_prob(moments: Moments, potentials: Potentials, residu
         ``cov [T, d, d]`` or ``[T, d]``, ``emission_matrix [T or 1, d, k]`` or None,
         ``mask [T]``).
       residuals: ``None``, or ``y_t − H_t m_t`` as ``[T, d]``
-        (:attr:`~numpyro_lds.posterior.PosteriorStats.potential_residuals`).
+        (:class:`~numpyro_lds.posterior.PosteriorStats`' ``potential_residuals``).
 
     Returns:
       A scalar.
@@ -137,7 +138,7 @@ def expected_log_joint(
 
     Affine in the expected sufficient statistics ``E[z_t], E[z_t z_tᵀ], E[z_{t+1} z_tᵀ]``.
     For the posterior's own moments, ``expected_log_joint − log Z = −H(q)``. Its gradient
-    is written out (see :func:`_expected_log_density`). ``residuals`` as in
+    is written out (see ``_expected_log_density``). ``residuals`` as in
     :func:`expected_potential_log_prob`.
 
     Args:
@@ -351,9 +352,9 @@ def _along(weight, x, x_dot):
 def _scatter(weight, e, e_dot, V, outer=None):
     """``V + w e eᵀ (+ ė eᵀ + e ėᵀ)``: the scatter of a residual ``e`` with tangent ``ė``.
 
-    ``outer``: how ``a bᵀ`` is formed, per step by default; :func:`~numpyro_lds.linalg.
-    outer_sum` sums it over the steps, for a ``V`` that is a sum (see
-    :func:`_transition_scatter`).
+    ``outer``: how ``a bᵀ`` is formed, per step by default;
+    :func:`~numpyro_lds.linalg.outer_sum` sums it over the steps, for a ``V`` that is a sum (see
+    ``_transition_scatter``).
     """
     outer = outer_product if outer is None else outer
     ee = outer(e, e)
@@ -364,7 +365,7 @@ def _scatter(weight, e, e_dot, V, outer=None):
 
 
 def _scatter_diagonal(weight, e, e_dot, diag_V):
-    """The diagonal of :func:`_scatter`, from the diagonal of ``V``."""
+    """The diagonal of ``_scatter``, from the diagonal of ``V``."""
     return diag_V + weight * e * e if e_dot is None else diag_V + (weight * e + 2 * e_dot) * e
 
 
@@ -465,7 +466,7 @@ def _transition_scatter(chain, weight, e, e_dot, V):
     """The transition terms' scatter and its weight.
 
     Per step, of weight ``w``; with shared dynamics summed over the steps (as ``V`` is,
-    :func:`_transition_residuals`), of weight ``(T − 1) w``: one energy for all steps, as
+    ``_transition_residuals``), of weight ``(T − 1) w``: one energy for all steps, as
     every term is affine in the scatter.
     """
     if not shared_dynamics(chain):

@@ -123,24 +123,24 @@ class AutoLDSGuide(AutoGuide):
     semi-definite matrix (zero where the likelihood says nothing, such as a tracking
     model's velocities). With ``encoder`` the potentials are an encoder's outputs
     ``N(mean_t; z_t, diag(var_t))`` instead (the amortized structured VAE of Johnson et al.
-    2016). Other latent sites get an :class:`~numpyro.infer.autoguide.
-    AutoNormal`. With ``TraceMeanField_ELBO`` the LDS sites use the exact KL. When the model
-    is linear-Gaussian with fixed dynamics, the optimum of this guide is the exact posterior.
+    2016). Other latent sites get an :class:`~numpyro.infer.autoguide.AutoNormal`. With
+    ``TraceMeanField_ELBO`` the LDS sites use the exact KL. When the model is
+    linear-Gaussian with fixed dynamics, the optimum of this guide is the exact posterior.
 
     The free potentials start at one Newton step of the likelihood from the prior median
     (``init_potentials="newton"``): for a Gaussian likelihood, the exact posterior at the
     model's initial parameter values, in the data's own units. A site whose likelihood is
     not quadratic (its curvature changes one unit away: Poisson, Bernoulli, a decoder)
     starts at the ``"prior"`` potentials instead, since a Newton step from a poor start on
-    an exponential rate can overshoot by orders of magnitude. :class:`~numpyro_lds.
-    NaturalGradientSVI` then moves them by conjugate-computation steps (exact in one step
-    for a Gaussian likelihood). With plain ``SVI``, a first-order optimizer's steps on them
-    are scaled down (rates 10 and 30: ``Adam(0.02)`` moves ``y`` by about 0.002 and
-    ``root_diag`` by about 0.07% a step), so that one-sample gradient noise does not
-    scatter a fit that starts at the optimum; the price is that Adam moves them slowly
-    where their optimum moves far, as when an observation noise level is learned, or under
-    a subsampled plate (whose Newton start sees only the prototype's minibatch, repeated
-    over the plate): use ``NaturalGradientSVI`` there.
+    an exponential rate can overshoot by orders of magnitude.
+    :class:`~numpyro_lds.NaturalGradientSVI` then moves them by conjugate-computation steps
+    (exact in one step for a Gaussian likelihood). With plain ``SVI``, a first-order
+    optimizer's steps on them are scaled down (rates 10 and 30: ``Adam(0.02)`` moves ``y``
+    by about 0.002 and ``root_diag`` by about 0.07% a step), so that one-sample gradient
+    noise does not scatter a fit that starts at the optimum; the price is that Adam moves
+    them slowly where their optimum moves far, as when an observation noise level is
+    learned, or under a subsampled plate (whose Newton start sees only the prototype's
+    minibatch, repeated over the plate): use ``NaturalGradientSVI`` there.
 
     Sequences of different lengths are batched by padding them to a common ``T``: the
     model masks the likelihood of the padded steps, and ``potential_mask`` removes the

@@ -66,6 +66,7 @@ __all__ = [
     "Posterior",
     "condition_on_potentials",
     "kalman_filter",
+    "rts_kernels",
     "smoother_chain",
 ]
 
@@ -330,6 +331,15 @@ def rts_kernels(chain: GaussMarkovChain, filtered: FilterResult) -> GaussMarkovC
 
     ``G_t, h_t, L_t`` at entry ``t``, as :func:`~numpyro_lds.chains.chain_moments` takes a
     chain with ``reverse=True``.
+
+    Args:
+      chain: the forward chain (the prior), transitions ``[T − 1 or 1, ...]``.
+      filtered: :func:`kalman_filter`'s output for ``chain``.
+
+    Returns:
+      :class:`~numpyro_lds.chains.GaussMarkovChain`: initial state ``z_T``
+      (``N(m_{T|T}, P_{T|T})``), transitions ``G [T − 1, k, k]``, ``h [T − 1, k]`` and
+      ``L [T − 1, k, k]`` with ``z_t | z_{t+1} ~ N(G_t z_{t+1} + h_t, L_t)``.
     """
     k = filtered.filtered_means.shape[-1]
     F, _, S = transitions(chain)

@@ -59,7 +59,7 @@ class PosteriorStats(NamedTuple):
     """Smoothed moments (forward time) and log-normalizer of a conditioned chain.
 
     ``potential_residuals [T, d]``: ``y_t − H_t m_t`` (``m_t`` the smoothed mean),
-    accurate to its own size (:func:`_smoothed_residuals`). Where a potential is far more
+    accurate to its own size (``_smoothed_residuals``). Where a potential is far more
     precise than the prior's prediction, ``H_t m_t`` equals ``y_t`` up to rounding and
     the plain difference is rounding error alone, which the potential's precision then
     multiplies. Their cotangent is not used: the expectations that take them
@@ -146,7 +146,7 @@ def _smoothed_moments(chain, filtered: FilterResult, schedule) -> Moments:
 
 
 def _smoothed_residuals(chain, potentials, filtered: FilterResult, smoothed_means):
-    """:attr:`PosteriorStats.potential_residuals`: ``y_t − H_t m_t`` for the smoothed means ``m_t``.
+    """``PosteriorStats.potential_residuals``: ``y_t − H_t m_t`` for the smoothed means ``m_t``.
 
     Accurate to its own size (derivation, section 11), 0 at masked steps.
 
@@ -197,7 +197,7 @@ def _moments_from_natural(means, second, cross_second):
 
 
 def _natural_from_moments(moments: Moments):
-    """The inverse of :func:`_moments_from_natural`."""
+    """The inverse of ``_moments_from_natural``."""
     m = moments.means
     return (
         m,

@@ -20,7 +20,7 @@ from numpyro_lds.linalg import (
     transpose,
 )
 
-__all__ = ["Potentials"]
+__all__ = ["Potentials", "is_diagonal", "masked_potentials"]
 
 
 class Potentials(NamedTuple):
@@ -45,7 +45,15 @@ class Potentials(NamedTuple):
 
 
 def is_diagonal(R, y):
-    """Whether the potentials' covariances ``R`` are given by their diagonals (``[.., d]``)."""
+    """Whether the potentials' covariances ``R`` are given by their diagonals (``[.., d]``).
+
+    Args:
+      R: the covariances ``[.., d, d]`` or variances ``[.., d]``.
+      y: the potentials' means ``[.., d]``, with the same leading axes.
+
+    Returns:
+      True where ``R`` holds variances (the rank of ``y``), False for covariances.
+    """
     return R.ndim == y.ndim
 
 
@@ -53,6 +61,14 @@ def masked_potentials(potentials: Potentials):
     """Neutral values at masked steps, so no NaN from unused inputs reaches a gradient.
 
     ``H`` keeps its time axis of 1 when shared; diagonal covariances stay diagonal.
+
+    Args:
+      potentials: :class:`Potentials` of one sequence.
+
+    Returns:
+      ``(y [T, d], R, H, mask [T])``: the means, 0 at masked steps; the covariances
+      ``[T, d, d]`` (symmetrized; the identity at masked steps) or variances ``[T, d]``
+      (1 at masked steps); the emission matrices as given; the mask.
     """
     mask = potentials.mask
     if is_diagonal(potentials.cov, potentials.mean):
