@@ -38,7 +38,6 @@ from numpyro_lds.potentials import (
     emit,
     emit_cov,
     emit_transpose,
-    is_diagonal,
     masked_potentials,
 )
 
@@ -294,7 +293,7 @@ def expected_log_joint_along_grad(
     y, R, H, mask = masked_potentials(potentials)
     P_w, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight, residuals)
     on = mask.astype(dtype)
-    if is_diagonal(R, y):
+    if potentials.diagonal:
         # Λ = diag(1/r): every product with it is a scaling, (Λ S Λ − w Λ)_ii / 2 the gradient.
         lam = 1.0 / R
         lam_vec = functools.partial(jnp.multiply, lam)
@@ -320,7 +319,7 @@ def expected_log_joint_along_grad(
     # e = y − H m_t: ∂/∂m_t = Hᵀ r; V = H P_t Hᵀ: ∂/∂P_t = −Hᵀ Λ H/2.
     g_means = g_means + on[:, None] * emit_transpose(H, r)
     if H is None:  # Λ itself
-        lam_H = lam_mat(jnp.eye(y.shape[-1], dtype=dtype)) if is_diagonal(R, y) else lam
+        lam_H = lam_mat(jnp.eye(y.shape[-1], dtype=dtype)) if potentials.diagonal else lam
     else:
         lam_H = symmetrize(matmul(transpose(H), lam_mat(H)))
     g_covs = g_covs - 0.5 * on[:, None, None] * lam_H
@@ -429,7 +428,7 @@ def _node_residuals(moments, potentials, tangent, weight, residuals=None):
         # The value of ``residuals`` exactly, the derivative of ``e``.
         e = residuals + (e - lax.stop_gradient(e))
     e_dot = None if tangent is None else -emit(H, tangent.means)
-    V = _emission_diagonal(H, P) if is_diagonal(R, y) else emit_cov(H, P)
+    V = _emission_diagonal(H, P) if potentials.diagonal else emit_cov(H, P)
     return P, e, e_dot, V
 
 
@@ -478,7 +477,7 @@ def _node_energies(moments, potentials, tangent=None, weight=1.0, residuals=None
     """``mask_t E[log N(mean_t; H_t z_t, cov_t)]`` per step (weighted, plus tangent)."""
     y, R, _, mask = masked_potentials(potentials)
     _, e, e_dot, V = _node_residuals(moments, potentials, tangent, weight, residuals)
-    if is_diagonal(R, y):
+    if potentials.diagonal:
         # Only the scatter's diagonal enters: −Σ_i S_ii / r_i / 2 − w Σ_i log(2π r_i) / 2.
         energy = -0.5 * sum_last(
             _over_variance(_scatter_diagonal(weight, e, e_dot, V), R)

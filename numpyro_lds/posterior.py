@@ -48,7 +48,7 @@ from numpyro_lds.linalg import (
     tracing_state,
     transpose,
 )
-from numpyro_lds.potentials import Potentials, emit, emit_cov, is_diagonal, masked_potentials
+from numpyro_lds.potentials import Potentials, emit, emit_cov, masked_potentials
 from numpyro_lds.schedules import cat_last, require_schedule
 from numpyro_lds.tangents import filter_tangent, smoothed_tangent
 
@@ -157,7 +157,7 @@ def _smoothed_residuals(chain, potentials, filtered: FilterResult, smoothed_mean
     """
     y, R, H, mask = masked_potentials(potentials)
     mp, Pp = filtered.predicted_means, filtered.predicted_covs
-    diagonal = is_diagonal(R, y)
+    diagonal = potentials.diagonal
     R_full = R[..., None] * jnp.eye(y.shape[-1], dtype=R.dtype) if diagonal else R
     chol_innovation = cholesky(emit_cov(H, Pp) + R_full)
     S_inv_r = cho_solve(chol_innovation, (y - emit(H, mp))[..., None])[..., 0]
@@ -305,7 +305,7 @@ def posterior_sample(chain: GaussMarkovChain, potentials: Potentials, eps, sched
     eps_z, eps_y = eps[..., :k], eps[..., k:]
     prior_path = chain_sample(chain, eps_z, schedule)
     y, R, H, _ = masked_potentials(potentials)
-    if is_diagonal(R, y):
+    if potentials.diagonal:
         noise = jnp.sqrt(R) * eps_y
     else:
         noise = matvec(cholesky(R), eps_y)
@@ -363,7 +363,7 @@ def _joint_log_density(chain, potentials, z):
     """``log prior(z) + Σ_t mask_t log N(mean_t; H_t z_t, cov_t)`` for ``z [..., T, k]``."""
     y, R, H, mask = masked_potentials(potentials)
     residual = y - emit(H, z)
-    if is_diagonal(R, y):
+    if potentials.diagonal:
         node = -0.5 * sum_last(residual * residual / R + jnp.log(2 * math.pi * R))
     else:
         node = mvn_log_prob(residual, jnp.zeros_like(residual), cholesky(R))

@@ -1,8 +1,8 @@
 """Gaussian potentials ``φ_t(z_t) = N(mean_t; H_t z_t, cov_t)`` on the states of one sequence.
 
 They are the guide's free parameters, an encoder's outputs, or observations. Their
-covariances come in one of two forms, told apart by rank (:func:`is_diagonal`): full
-(``cov [T, d, d]``) or diagonal (``cov [T, d]``, the variances), and every function
+covariances come in one of two forms, told apart by rank (:attr:`Potentials.diagonal`):
+full (``cov [T, d, d]``) or diagonal (``cov [T, d]``, the variances), and every function
 that takes potentials serves both.
 """
 
@@ -43,6 +43,11 @@ class Potentials(NamedTuple):
     #: ``[T]`` bool, False where there is no potential at that step.
     mask: jnp.ndarray
 
+    @property
+    def diagonal(self) -> bool:
+        """Their form: True for variances (``cov [T, d]``), False for covariances."""
+        return is_diagonal(self.cov, self.mean)
+
 
 def is_diagonal(R, y):
     """Whether the potentials' covariances ``R`` are given by their diagonals (``[.., d]``).
@@ -66,9 +71,9 @@ def masked_potentials(potentials: Potentials):
       potentials: :class:`Potentials` of one sequence.
 
     Returns:
-      ``(y [T, d], R, H, mask [T])``: the means, 0 at masked steps; the covariances
-      ``[T, d, d]`` (symmetrized; the identity at masked steps) or variances ``[T, d]``
-      (1 at masked steps); the emission matrices as given; the mask.
+      :class:`Potentials` of the same form: the means 0 at masked steps; the covariances
+      symmetrized and the identity at masked steps, or the variances 1 there; the
+      emission matrices and the mask as given.
     """
     mask = potentials.mask
     if is_diagonal(potentials.cov, potentials.mean):
@@ -76,7 +81,8 @@ def masked_potentials(potentials: Potentials):
     else:
         eye = jnp.eye(potentials.mean.shape[-1], dtype=potentials.mean.dtype)
         R = jnp.where(mask[:, None, None], symmetrize(potentials.cov), eye)
-    return (jnp.where(mask[:, None], potentials.mean, 0.0), R, potentials.emission_matrix, mask)
+    mean = jnp.where(mask[:, None], potentials.mean, 0.0)
+    return Potentials(mean, R, potentials.emission_matrix, mask)
 
 
 def emit(H, x):
