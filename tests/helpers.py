@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 
@@ -57,6 +58,20 @@ def _select(x, idx, ndim_event):
     idx = idx[len(idx) - nb :] if nb else ()
     idx = tuple(i if s > 1 else 0 for i, s in zip(idx, x.shape[:nb], strict=True))
     return x[idx]
+
+
+def make_case(case, seed=0, schedule=None):
+    """``(prior, posterior)`` of a case ``(id, k, T, prior batch, time-varying, potential
+    kwargs)``, as the dense-reference and schedule tests tabulate them; ``schedule`` set on
+    both (``None``: the backend's default)."""
+    _, k, T, batch, time_varying, potential_kwargs = case
+    rng = np.random.default_rng(seed)
+    prior = random_prior(rng, k, T, batch, time_varying=time_varying)
+    post = random_posterior(rng, prior, **potential_kwargs)
+    if schedule is not None:
+        prior, post = copy.copy(prior), copy.copy(post)
+        prior.schedule = post.schedule = schedule
+    return prior, post
 
 
 def dense(dist):

@@ -10,7 +10,7 @@ import pytest
 from numpyro.distributions.kl import kl_divergence
 
 import reference as ref
-from helpers import dense, random_posterior, random_prior
+from helpers import dense, make_case, random_posterior, random_prior
 from numpyro_lds import LDSPosterior, kl_terms
 
 RTOL = 1e-8
@@ -45,20 +45,13 @@ CASES = [
 ]
 
 
-def _make(case, seed=0):
-    _, k, T, batch, tv, pot = case
-    rng = np.random.default_rng(seed)
-    prior = random_prior(rng, k, T, batch, time_varying=tv)
-    return prior, random_posterior(rng, prior, **pot)
-
-
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def case(request):
     return request.param
 
 
 def _both(case):
-    prior, post = _make(case)
+    prior, post = make_case(case)
     return [prior, post]
 
 
@@ -91,7 +84,7 @@ def test_log_prob(case):
 
 
 def test_entropy_and_log_normalizer(case):
-    prior, post = _make(case)
+    prior, post = make_case(case)
     for d in (prior, post):
         h = np.asarray(d.entropy())
         for idx, (_, c, _) in dense(d).items():
@@ -112,8 +105,8 @@ def _dense_mvn(d):
 
 @pytest.mark.parametrize("pair", ["prior_prior", "post_prior", "prior_post", "post_post"])
 def test_kl_all_pairs_match_dense(case, pair):
-    prior_a, post_a = _make(case, seed=0)
-    prior_b, post_b = _make(case, seed=1)  # different dynamics on the two sides
+    prior_a, post_a = make_case(case, seed=0)
+    prior_b, post_b = make_case(case, seed=1)  # different dynamics on the two sides
     q = {"prior": prior_a, "post": post_a}[pair.split("_")[0]]
     p = {"prior": prior_b, "post": post_b}[pair.split("_")[1]]
     kl = np.asarray(kl_divergence(q, p))
@@ -130,8 +123,8 @@ def _broadcast_index(idx, batch_shape):
 
 def test_kl_terms_match_dense(case):
     """Each of Terms A–C against its dense definition, q and p with different dynamics."""
-    _, q = _make(case, seed=0)
-    p, _ = _make(case, seed=1)
+    _, q = make_case(case, seed=0)
+    p, _ = make_case(case, seed=1)
     T, k = q.event_shape
     terms = kl_terms(q, p)
     for idx, (mq, Cq, _) in dense(q).items():
@@ -148,7 +141,7 @@ def test_kl_terms_match_dense(case):
 
 
 def test_fast_path_equals_general_formula(case):
-    prior, post = _make(case)
+    prior, post = make_case(case)
     general = kl_terms(post, prior).kl  # Terms A-C, checked against dense above
     np.testing.assert_allclose(post.kl_to_prior(), general, rtol=RTOL)
     # post.prior is prior: kl_divergence takes the fast path; a prior rebuilt from the

@@ -6,8 +6,6 @@ with T not a multiple of the block count, so the padding path is exercised.
 
 from __future__ import annotations
 
-import copy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from numpyro.distributions.kl import kl_divergence
 
 import reference as ref
-from helpers import dense, random_posterior, random_prior
+from helpers import dense, make_case, random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
 from numpyro_lds.chains import affine_recursion, chain_moments, chain_sample
 from numpyro_lds.kalman import kalman_filter
@@ -35,16 +33,6 @@ CASES = [
 ]
 
 
-def _make(case, schedule, seed=0):
-    _, k, T, batch, tv, pot = case
-    rng = np.random.default_rng(seed)
-    prior = random_prior(rng, k, T, batch, time_varying=tv)
-    post = random_posterior(rng, prior, **pot)
-    prior, post = copy.copy(prior), copy.copy(post)
-    prior.schedule = post.schedule = schedule
-    return prior, post
-
-
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def case(request):
     return request.param
@@ -52,7 +40,7 @@ def case(request):
 
 @pytest.mark.parametrize("schedule", FAST)
 def test_moments_and_log_normalizer_match_dense(case, schedule):
-    prior, post = _make(case, schedule)
+    prior, post = make_case(case, schedule=schedule)
     T, k = post.event_shape
     for d in (prior, post):
         mean, cov, cross = d.mean, d.marginal_covariance, d.cross_covariance
@@ -67,8 +55,8 @@ def test_moments_and_log_normalizer_match_dense(case, schedule):
 
 @pytest.mark.parametrize("schedule", FAST)
 def test_kl_matches_sequential_and_dense(case, schedule):
-    _, q = _make(case, schedule, seed=0)
-    p, _ = _make(case, schedule, seed=1)
+    _, q = make_case(case, seed=0, schedule=schedule)
+    p, _ = make_case(case, seed=1, schedule=schedule)
     kl = np.asarray(kl_divergence(q, p))
     expected = [
         ref.mvn_kl(mq, Cq, *dense(p)[idx[len(idx) - len(p.batch_shape) :]][:2])
@@ -82,12 +70,12 @@ def test_kl_matches_sequential_and_dense(case, schedule):
 @pytest.mark.parametrize("schedule", FAST)
 def test_samples_and_gradients_equal_sequential(case, schedule):
     key = jax.random.key(0)
-    _, q_seq = _make(case, "sequential")
-    _, q = _make(case, schedule)
+    _, q_seq = make_case(case, schedule="sequential")
+    _, q = make_case(case, schedule=schedule)
     np.testing.assert_allclose(q.sample(key, (2,)), q_seq.sample(key, (2,)), rtol=1e-9, atol=1e-9)
 
     def loss(sched, y, A):
-        prior, post = _make(case, sched)
+        prior, post = make_case(case, schedule=sched)
         prior = LinearGaussianStateSpace(
             prior.initial_mean,
             prior.initial_cov,
@@ -107,7 +95,7 @@ def test_samples_and_gradients_equal_sequential(case, schedule):
         )
         return jnp.sum(kl_divergence(q, prior)) + jnp.sum(q.sample(key))
 
-    prior, post = _make(case, "sequential")
+    prior, post = make_case(case, schedule="sequential")
     args = (post.potential_mean, prior.transition_matrix)
     # Under jit, as SVI runs it (and one compilation instead of one per primitive).
     g_seq = jax.jit(jax.grad(lambda *a: loss("sequential", *a), (0, 1)))(*args)
@@ -155,7 +143,7 @@ def test_parallel_prefix_scan_traces_its_operator_a_fixed_number_of_times():
 
 def test_default_schedule_is_sequential_on_cpu_and_parallel_on_accelerators():
     # the documented default, chosen by measurement (docs/performance.md)
-    prior, _ = _make(CASES[0], None)
+    prior, _ = make_case(CASES[0], schedule=None)
     expected = "sequential" if jax.default_backend() == "cpu" else "parallel"
     assert prior._resolved_schedule() == expected
 
