@@ -88,21 +88,16 @@ def dense(dist):
         mean, cov = ref.prior_joint(m0, P0, A, b, Q, T)
         log_z = 0.0
         if isinstance(dist, LDSPosterior):
-            pot = dist._potentials()
-            y = _select(pot.mean, idx, 2)
-            R = pot.cov  # variances [.., T, d] for diagonal potentials
-            if dist.potential_var is not None:
-                R = np.asarray(R)[..., None] * np.eye(R.shape[-1])
+            y = _select(dist.potential_mean, idx, 2)
+            R = dist.potential_cov
+            if R is None:  # variances [.., T, d]
+                R = np.asarray(dist.potential_var)[..., None] * np.eye(y.shape[-1])
+            mask = dist.potential_mask
+            mask = np.ones(T, bool) if mask is None else _select(mask, idx, 1)
+            H = dist.emission_matrix  # [.., T or 1, d, k], None for the identity
+            H = np.eye(k)[None] if H is None else _select(H, idx, 3)
             mean, cov, log_z = ref.condition_joint(
-                mean,
-                cov,
-                y,
-                _select(R, idx, 3),
-                _select(
-                    np.eye(k)[None] if pot.emission_matrix is None else pot.emission_matrix, idx, 3
-                ),
-                np.broadcast_to(_select(pot.mask, idx, 1), (T,)),
-                k,
+                mean, cov, y, _select(R, idx, 3), H, np.broadcast_to(mask, (T,)), k
             )
         out[idx] = (mean, cov, log_z)
     return out

@@ -27,7 +27,6 @@ from numpyro.distributions import constraints
 
 from helpers import random_prior, spd
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
-from numpyro_lds.distributions import _FinitePositive
 
 K, T = 2, 4
 
@@ -87,7 +86,13 @@ def _positional_names(cls):
 def test_every_positional_argument_has_a_constraint():
     for cls in (LinearGaussianStateSpace, LDSPosterior):
         assert set(_positional_names(cls)) <= set(cls.arg_constraints)
-    assert isinstance(LDSPosterior.arg_constraints["potential_var"], _FinitePositive)
+    # finite and positive: NumPyro's ``positive`` lets +inf through, which turns every
+    # output into NaN
+    finite_positive = LDSPosterior.arg_constraints["potential_var"]
+    np.testing.assert_array_equal(
+        finite_positive(jnp.array([1e-30, 1.0, 1e30, jnp.inf, jnp.nan, 0.0, -1.0])),
+        [True, True, True, False, False, False, False],
+    )
 
 
 @pytest.mark.parametrize("cls, make, batch", CASES)

@@ -18,7 +18,7 @@ from numpyro_lds import LDSPosterior, LinearGaussianStateSpace, kl_terms
 from numpyro_lds.chains import affine_recursion, chain_moments, chain_sample
 from numpyro_lds.kalman import kalman_filter
 from numpyro_lds.posterior import posterior_log_prob, posterior_stats
-from numpyro_lds.schedules import PARALLEL_BLOCK, SCHEDULES, prefix_scan
+from numpyro_lds.schedules import PARALLEL_BLOCK, SCHEDULES, prefix_scan, resolve_schedule
 
 RTOL = 1e-8
 ATOL = 1e-10
@@ -144,8 +144,9 @@ def test_parallel_prefix_scan_traces_its_operator_a_fixed_number_of_times():
 def test_default_schedule_is_sequential_on_cpu_and_parallel_on_accelerators():
     # the documented default, chosen by measurement (docs/performance.md)
     prior, _ = make_case(CASES[0], schedule=None)
+    assert prior.schedule is None  # kept, and resolved where a computation runs
     expected = "sequential" if jax.default_backend() == "cpu" else "parallel"
-    assert prior._resolved_schedule() == expected
+    assert resolve_schedule(prior.schedule) == expected
 
 
 @pytest.mark.parametrize("schedule", [None, "fast", True])
