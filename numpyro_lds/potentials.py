@@ -4,6 +4,12 @@ They are the guide's free parameters, an encoder's outputs, or observations. The
 covariances come in one of two forms, told apart by rank (:attr:`Potentials.diagonal`):
 full (``cov [T, d, d]``) or diagonal (``cov [T, d]``, the variances), and every function
 that takes potentials serves both.
+
+Each public core function that takes potentials accepts them masked or not: it passes
+them through :func:`masked_potentials` where it reads them, which sets neutral values at
+masked steps. Masking is idempotent, and the copies in one computation (the filter, the
+residuals, the expectations of a VJP) are one ``select`` each that XLA merges, so no
+function depends on its caller having masked.
 """
 
 from __future__ import annotations
