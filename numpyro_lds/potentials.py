@@ -7,9 +7,8 @@ that takes potentials serves both.
 
 Each public core function that takes potentials accepts them masked or not: it passes
 them through :func:`masked_potentials` where it reads them, which sets neutral values at
-masked steps. Masking is idempotent, and the copies in one computation (the filter, the
-residuals, the expectations of a VJP) are one ``select`` each that XLA merges, so no
-function depends on its caller having masked.
+masked steps. Masking is idempotent and costs one elementwise ``select`` per array,
+nothing next to the recursions, so no function depends on its caller having masked.
 """
 
 from __future__ import annotations
