@@ -214,7 +214,6 @@ def chain_sample(chain: GaussMarkovChain, eps, schedule="sequential"):
     Returns:
       The path ``z [T, k]``.
     """
-    require_schedule(schedule)
     F, c, _ = transitions(chain)
     z0 = chain.initial_mean + matvec(cholesky(chain.initial_cov), eps[0])
     return affine_recursion(z0, F, c + matvec(cholesky(chain.transition_cov), eps[1:]), schedule)

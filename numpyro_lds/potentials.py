@@ -81,7 +81,7 @@ def masked_potentials(potentials: Potentials):
       emission matrices and the mask as given.
     """
     mask = potentials.mask
-    if is_diagonal(potentials.cov, potentials.mean):
+    if potentials.diagonal:
         R = jnp.where(mask[:, None], potentials.cov, 1.0)
     else:
         eye = jnp.eye(potentials.mean.shape[-1], dtype=potentials.mean.dtype)
