@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -122,9 +124,17 @@ def _concrete_num_steps(num_steps) -> int:
     return num_steps
 
 
-def _prior_shapes(mean, cov0, matrix, cov, offset, num_steps) -> _PriorShapes:
-    """Resolve ``T``, ``k`` and the batch shape from argument shapes, or raise ValueError."""
-    mean, cov0, matrix, cov = map(tuple, (mean, cov0, matrix, cov))
+def _prior_shapes(shapes: Mapping[str, Sequence[int]], num_steps) -> _PriorShapes:
+    """Resolve ``T``, ``k`` and the batch shape from argument shapes, or raise ValueError.
+
+    ``shapes`` maps the constructor's array arguments' names to their shapes;
+    ``transition_offset`` may be absent or None.
+    """
+    mean, cov0, matrix, cov = (
+        tuple(shapes[n])
+        for n in ("initial_mean", "initial_cov", "transition_matrix", "transition_cov")
+    )
+    offset = shapes.get("transition_offset")
     if len(mean) < 1:
         raise _shape_error("initial_mean", mean, "[..., k]")
     k = mean[-1]
@@ -190,8 +200,24 @@ class _PosteriorShapes(NamedTuple):
     emission: tuple | None
 
 
-def _posterior_shapes(prior_batch, T, k, mean, cov, var, emission, mask) -> _PosteriorShapes:
-    """Check the potentials' shapes against ``T`` and ``k``, or raise ValueError."""
+def _posterior_shapes(
+    prior_shape: Sequence[int], shapes: Mapping[str, Sequence[int] | None]
+) -> _PosteriorShapes:
+    """Check the potentials' shapes against ``T`` and ``k``, or raise ValueError.
+
+    ``prior_shape`` is the prior's ``batch_shape + (T, k)``; ``shapes`` maps the constructor's
+    array arguments' names to their shapes (an absent or None one was not given).
+    """
+    prior_shape = tuple(prior_shape)
+    if len(prior_shape) < 2:
+        raise ValueError(f"prior's shape must be batch_shape + (T, k), got {prior_shape}")
+    prior_batch, (T, k) = prior_shape[:-2], prior_shape[-2:]
+    mean, cov, var, emission, mask = (
+        shapes.get(n)
+        for n in ("potential_mean", "potential_cov", "potential_var", "emission_matrix", "mask")
+    )
+    if mean is None:
+        raise ValueError("potential_mean is required")
     mean = tuple(mean)
     if len(mean) < 2 or mean[-2] != T or mean[-1] < 1:
         raise _shape_error("potential_mean", mean, f"[..., {T}, d] (T={T} from prior)")
@@ -207,7 +233,7 @@ def _posterior_shapes(prior_batch, T, k, mean, cov, var, emission, mask) -> _Pos
         if len(cov) < 3 or cov[-3:] != (T, d, d):
             raise _shape_error("potential_cov", cov, f"[..., {T}, {d}, {d}] (T={T}, d={d})")
         named.append(("potential_cov", cov[:-3]))
-    else:
+    elif var is not None:
         var = tuple(var)
         if len(var) < 2 or var[-2:] != (T, d):
             raise _shape_error("potential_var", var, f"[..., {T}, {d}] (T={T}, d={d})")
@@ -520,14 +546,7 @@ class LinearGaussianStateSpace(_ChainDistribution):
             args = {n: _as_float(n, v) for n, v in args.items()}
             dtype = jnp.result_type(*args.values())
             args = {n: v.astype(dtype) for n, v in args.items()}
-            shapes = _prior_shapes(
-                args["initial_mean"].shape,
-                args["initial_cov"].shape,
-                args["transition_matrix"].shape,
-                args["transition_cov"].shape,
-                args["transition_offset"].shape if transition_offset is not None else None,
-                num_steps,
-            )
+            shapes = _prior_shapes({n: v.shape for n, v in args.items()}, num_steps)
             k = shapes.state_dim
             self.initial_mean = args["initial_mean"]
             self.initial_cov = args["initial_cov"]
@@ -541,24 +560,15 @@ class LinearGaussianStateSpace(_ChainDistribution):
             self.schedule = check_schedule(schedule)
             super().__init__(shapes.batch_shape, (shapes.num_steps, k), validate_args=validate_args)
 
-    @staticmethod
-    def infer_shapes(
-        initial_mean,
-        initial_cov,
-        transition_matrix,
-        transition_cov,
-        transition_offset=None,
-        num_steps=None,
-    ):
-        """``(batch_shape, event_shape)`` from the arguments' shapes."""
-        shapes = _prior_shapes(
-            initial_mean,
-            initial_cov,
-            transition_matrix,
-            transition_cov,
-            transition_offset,
-            num_steps,
-        )
+    @classmethod
+    def infer_shapes(cls, *args, **kwargs):
+        """``(batch_shape, event_shape)`` from the arguments' shapes.
+
+        Takes the arguments as the constructor does, by position or by name, with each array
+        replaced by its shape and ``num_steps`` as it is (an int or None).
+        """
+        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+        shapes = _prior_shapes(given, given.get("num_steps"))
         return shapes.batch_shape, (shapes.num_steps, shapes.state_dim)
 
     def _core_args(self):
@@ -694,17 +704,10 @@ class LDSPosterior(_ChainDistribution):
                 mask = jnp.asarray(mask)
                 if mask.dtype != jnp.bool_:
                     raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-            shape = lambda n: None if arrays[n] is None else arrays[n].shape  # noqa: E731
-            shapes = _posterior_shapes(
-                prior.batch_shape,
-                T,
-                k,
-                shape("potential_mean"),
-                shape("potential_cov"),
-                shape("potential_var"),
-                shape("emission_matrix"),
-                None if mask is None else mask.shape,
-            )
+            given = {n: v.shape for n, v in arrays.items() if v is not None}
+            if mask is not None:
+                given["mask"] = mask.shape
+            shapes = _posterior_shapes(prior.shape(), given)
             dtype = prior.initial_mean.dtype
             arrays = {n: None if v is None else v.astype(dtype) for n, v in arrays.items()}
             self.prior = prior
@@ -747,28 +750,17 @@ class LDSPosterior(_ChainDistribution):
             for name, value in saved.items():
                 setattr(self, name, value)
 
-    @staticmethod
-    def infer_shapes(
-        prior,
-        potential_mean,
-        potential_cov=None,
-        potential_var=None,
-        emission_matrix=None,
-        mask=None,
-    ):
+    @classmethod
+    def infer_shapes(cls, *args, **kwargs):
         """``(batch_shape, event_shape)`` from the arguments' shapes.
 
-        ``prior`` is the prior's shape ``batch_shape + (T, k)`` (``prior.shape()``, as
-        NumPyro passes a distribution argument's shape).
+        Takes the arguments as the constructor does, by position or by name, with each array
+        replaced by its shape, and ``prior`` by the prior's shape ``batch_shape + (T, k)``
+        (``prior.shape()``, as NumPyro passes a distribution argument's shape).
         """
-        prior = tuple(prior)
-        if len(prior) < 2:
-            raise ValueError(f"prior's shape must be batch_shape + (T, k), got {prior}")
-        prior_batch, (T, k) = prior[:-2], prior[-2:]
-        shapes = _posterior_shapes(
-            prior_batch, T, k, potential_mean, potential_cov, potential_var, emission_matrix, mask
-        )
-        return shapes.batch_shape, (T, k)
+        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments
+        shapes = _posterior_shapes(given["prior"], given)
+        return shapes.batch_shape, tuple(given["prior"])[-2:]
 
     def expand(self, batch_shape):
         """Same distribution with a larger batch shape; the prior is expanded with it."""
@@ -925,14 +917,7 @@ def _vmap_over_lds_posterior(
 
 @promote_batch_shape.register
 def _promote_batch_shape_lgss(d: LinearGaussianStateSpace):
-    shapes = _prior_shapes(
-        d.initial_mean.shape,
-        d.initial_cov.shape,
-        d.transition_matrix.shape,
-        d.transition_cov.shape,
-        d.transition_offset.shape,
-        d.num_steps,
-    )
+    shapes = _prior_shapes({n: getattr(d, n).shape for n in d.pytree_data_fields}, d.num_steps)
     new = copy.copy(d)
     new._batch_shape = lax.broadcast_shapes(shapes.batch_shape, d.batch_shape)
     return new
@@ -941,17 +926,15 @@ def _promote_batch_shape_lgss(d: LinearGaussianStateSpace):
 @promote_batch_shape.register
 def _promote_batch_shape_lds_posterior(d: LDSPosterior):
     prior = promote_batch_shape(d.prior)
-    shape = lambda x: None if x is None else x.shape  # noqa: E731
-    T, k = d.event_shape
+    arrays = {
+        "potential_mean": d.potential_mean,
+        "potential_cov": d.potential_cov,
+        "potential_var": d.potential_var,
+        "emission_matrix": d.emission_matrix,
+        "mask": d.potential_mask,
+    }
     shapes = _posterior_shapes(
-        prior.batch_shape,
-        T,
-        k,
-        d.potential_mean.shape,
-        shape(d.potential_cov),
-        shape(d.potential_var),
-        shape(d.emission_matrix),
-        shape(d.potential_mask),
+        prior.shape(), {n: v.shape for n, v in arrays.items() if v is not None}
     )
     new = copy.copy(d)
     new.prior = prior
