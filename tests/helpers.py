@@ -74,31 +74,42 @@ def make_case(case, seed=0, schedule=None):
     return prior, post
 
 
+def dense_inputs(dist, idx=()):
+    """Batch element ``idx`` of a chain's arguments as float64 NumPy arrays, in the reference's
+    form: ``(m0, P0, A, b, Q)`` of the prior and, for a posterior, the potentials
+    ``(y [T, d], R [T, d, d], H [T or 1, d, k], mask [T])`` (else None)."""
+    T, k = dist.event_shape
+    prior = dist.prior if isinstance(dist, LDSPosterior) else dist
+    chain = (
+        _select(prior.initial_mean, idx, 1),
+        _select(prior.initial_cov, idx, 2),
+        _select(prior.transition_matrix, idx, 3),
+        _select(prior.transition_offset, idx, 2),
+        _select(prior.transition_cov, idx, 3),
+    )
+    if not isinstance(dist, LDSPosterior):
+        return chain, None
+    y = _select(dist.potential_mean, idx, 2)
+    R = dist.potential_cov
+    if R is None:  # variances [.., T, d]
+        R = np.asarray(dist.potential_var)[..., None] * np.eye(y.shape[-1])
+    mask = dist.potential_mask
+    mask = np.ones(T, bool) if mask is None else _select(mask, idx, 1)
+    H = dist.emission_matrix  # [.., T or 1, d, k], None for the identity
+    H = np.eye(k)[None] if H is None else _select(H, idx, 3)
+    return chain, (y, _select(R, idx, 3), H, np.broadcast_to(mask, (T,)))
+
+
 def dense(dist):
     """Per batch element ``(mean [T*k], cov [T*k, T*k], log_normalizer)`` of a chain."""
     T, k = dist.event_shape
     out = {}
     for idx in itertools.product(*[range(s) for s in dist.batch_shape]):
-        prior = dist.prior if isinstance(dist, LDSPosterior) else dist
-        m0 = _select(prior.initial_mean, idx, 1)
-        P0 = _select(prior.initial_cov, idx, 2)
-        A = _select(prior.transition_matrix, idx, 3)
-        b = _select(prior.transition_offset, idx, 2)
-        Q = _select(prior.transition_cov, idx, 3)
-        mean, cov = ref.prior_joint(m0, P0, A, b, Q, T)
+        chain, potentials = dense_inputs(dist, idx)
+        mean, cov = ref.prior_joint(*chain, T)
         log_z = 0.0
-        if isinstance(dist, LDSPosterior):
-            y = _select(dist.potential_mean, idx, 2)
-            R = dist.potential_cov
-            if R is None:  # variances [.., T, d]
-                R = np.asarray(dist.potential_var)[..., None] * np.eye(y.shape[-1])
-            mask = dist.potential_mask
-            mask = np.ones(T, bool) if mask is None else _select(mask, idx, 1)
-            H = dist.emission_matrix  # [.., T or 1, d, k], None for the identity
-            H = np.eye(k)[None] if H is None else _select(H, idx, 3)
-            mean, cov, log_z = ref.condition_joint(
-                mean, cov, y, _select(R, idx, 3), H, np.broadcast_to(mask, (T,)), k
-            )
+        if potentials is not None:
+            mean, cov, log_z = ref.condition_joint(mean, cov, *potentials, k)
         out[idx] = (mean, cov, log_z)
     return out
 

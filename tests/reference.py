@@ -138,3 +138,24 @@ def kl_to_prior_information(m0, P0, A, b, Q, y, R, H, mask, against=None):
     kl = 0.5 * (jnp.trace(lam_p @ cov_q) + r @ lam_p @ r - n + logdet_q - logdet_p)
     entropy = 0.5 * (n * np.log(2 * np.pi * np.e) - logdet_q)
     return kl, entropy
+
+
+def prior_information(m0, P0, A, b, Q, T):
+    """Precision ``[T*k, T*k]`` and information vector ``[T*k]`` of one LDS prior sequence.
+
+    ``Λ = (I − 𝔸)ᵀ D⁻¹ (I − 𝔸)`` and ``h = (I − 𝔸)ᵀ D⁻¹ β`` in the notation of
+    :func:`prior_joint`. Written with ``jax.numpy``, so that it can be differentiated
+    (``A``, ``b``, ``Q`` with a time axis of ``T − 1``).
+    """
+    import jax.numpy as jnp
+
+    k = m0.shape[-1]
+    L = jnp.eye(T * k)
+    D_inv = jnp.zeros((T * k, T * k)).at[:k, :k].set(jnp.linalg.inv(P0))
+    beta = jnp.zeros(T * k).at[:k].set(m0)
+    for t in range(1, T):
+        s = slice(t * k, (t + 1) * k)
+        L = L.at[s, (t - 1) * k : t * k].set(-A[t - 1])
+        D_inv = D_inv.at[s, s].set(jnp.linalg.inv(Q[t - 1]))
+        beta = beta.at[s].set(b[t - 1])
+    return L.T @ D_inv @ L, L.T @ D_inv @ beta
