@@ -31,7 +31,7 @@ MEANS = jnp.asarray(RNG.normal(size=(BATCH, T, K)))
 OFFSET = jnp.asarray(RNG.normal(size=K))
 
 
-def _prior(a, schedule):
+def _prior_with_decay(a, schedule):
     A = a * jnp.eye(K) + 0.1 * jnp.ones((K, K))
     Q = 0.3 * jnp.eye(K) + 0.05
     return LinearGaussianStateSpace(
@@ -42,7 +42,7 @@ def _prior(a, schedule):
 QUANTITIES = {
     "kl_to_prior": lambda q, p: q.kl_to_prior(),
     # A rebuilt prior: the general closed form (Terms A–C)
-    "kl_terms": lambda q, p: kl_divergence(q, _prior(*p)),
+    "kl_terms": lambda q, p: kl_divergence(q, _prior_with_decay(*p)),
     "log_normalizer": lambda q, p: q.log_normalizer,
     "covariances": lambda q, p: (
         jnp.sum(jnp.sin(q.marginal_covariance), (-3, -2, -1))
@@ -52,7 +52,7 @@ QUANTITIES = {
 
 
 def _value(quantity, var, a, means, schedule):
-    q = LDSPosterior(_prior(a, schedule), means, potential_var=var)
+    q = LDSPosterior(_prior_with_decay(a, schedule), means, potential_var=var)
     return jnp.sum(QUANTITIES[quantity](q, (a, schedule)))
 
 
@@ -104,10 +104,14 @@ BATCHED_FNS = {
     "kl_terms": lambda v, a: _value("kl_terms", v, a, MEANS, "sequential"),
     # A draw (the means alone are differentiated) and the log-density of fixed paths.
     "draw": lambda v, a: jnp.sum(
-        jnp.sin(LDSPosterior(_prior(a, None), MEANS, potential_var=v).rsample(jax.random.key(2)))
+        jnp.sin(
+            LDSPosterior(_prior_with_decay(a, None), MEANS, potential_var=v).rsample(
+                jax.random.key(2)
+            )
+        )
     ),
     "log_prob": lambda v, a: jnp.sum(
-        LDSPosterior(_prior(a, None), MEANS, potential_var=v).log_prob(PATH)
+        LDSPosterior(_prior_with_decay(a, None), MEANS, potential_var=v).log_prob(PATH)
     ),
 }
 
@@ -135,7 +139,7 @@ def test_vectorized_particles_equal_particles_one_at_a_time(elbo):
         a = numpyro.param("a", 0.8)
         r = numpyro.param("r", 0.7, constraint=dist.constraints.positive)
         with numpyro.plate("series", y.shape[0]):
-            z = numpyro.sample("z", _prior(a, "sequential"))
+            z = numpyro.sample("z", _prior_with_decay(a, "sequential"))
             numpyro.sample("y", dist.Normal(z, r).to_event(2), obs=y)
 
     guide = AutoLDSGuide(model)

@@ -13,25 +13,27 @@ from helpers import random_posterior, random_prior
 from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
 
 
-def _prior(batch=(), tv=True, k=2, T=4):
+def _prior_case(batch=(), tv=True, k=2, T=4):
     return lambda rng: random_prior(rng, k, T, batch, time_varying=tv)
 
 
-def _post(batch=(), prior_batch=(), **kw):
+def _posterior_case(batch=(), prior_batch=(), **kw):
     return lambda rng: random_posterior(
         rng, random_prior(rng, 2, 4, prior_batch), batch=batch, **kw
     )
 
 
 CASES = [
-    pytest.param(_prior(), id="prior-unbatched"),
-    pytest.param(_prior(batch=(3,)), id="prior-batched"),
-    pytest.param(_prior(tv=False), id="prior-shared-dynamics"),
-    pytest.param(_prior(batch=(2, 1), tv=False), id="prior-broadcast"),
-    pytest.param(_post(), id="posterior-unbatched"),
-    pytest.param(_post(batch=(3,), prior_batch=(3,)), id="posterior-batched"),
-    pytest.param(_post(batch=(2, 3), prior_batch=(3,), diag=True), id="posterior-broadcast"),
-    pytest.param(_post(mask=True, emission="time"), id="posterior-masked-time-varying"),
+    pytest.param(_prior_case(), id="prior-unbatched"),
+    pytest.param(_prior_case(batch=(3,)), id="prior-batched"),
+    pytest.param(_prior_case(tv=False), id="prior-shared-dynamics"),
+    pytest.param(_prior_case(batch=(2, 1), tv=False), id="prior-broadcast"),
+    pytest.param(_posterior_case(), id="posterior-unbatched"),
+    pytest.param(_posterior_case(batch=(3,), prior_batch=(3,)), id="posterior-batched"),
+    pytest.param(
+        _posterior_case(batch=(2, 3), prior_batch=(3,), diag=True), id="posterior-broadcast"
+    ),
+    pytest.param(_posterior_case(mask=True, emission="time"), id="posterior-masked-time-varying"),
 ]
 
 

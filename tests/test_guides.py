@@ -18,10 +18,6 @@ T, K, N = 6, 2, 3
 OBS_VAR = 0.25
 
 
-def _prior(batch=()):
-    return random_prior(np.random.default_rng(0), K, T, batch)
-
-
 def _loss_and_guide_trace(key, params, model, guide):
     """``TraceMeanField_ELBO``'s loss with ``key``, and the guide's trace as the ELBO ran it."""
     loss = float(TraceMeanField_ELBO().loss(key, params, model, guide))
@@ -37,7 +33,7 @@ def test_optimum_is_the_exact_kalman_smoother():
     masks the likelihood of the padded steps and the guide its potentials there
     (``potential_mask``); ``create_plates`` lets the guide read every sequence after the fit
     (``batch=None``), and every sequence's posterior is its exact smoother."""
-    prior = _prior()
+    prior = random_prior(np.random.default_rng(0), K, T)
     n = 4
     y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
     valid = jnp.arange(T) < jnp.asarray([T, T, 4, 2])[:, None]
@@ -85,7 +81,7 @@ def test_optimum_is_the_exact_kalman_smoother():
 
 def test_lds_site_takes_the_closed_form_with_learned_prior_and_other_latents():
     """The prior uses a param and a latent; the guide uses both, and the KL is exact."""
-    base = _prior()
+    base = random_prior(np.random.default_rng(0), K, T)
 
     def prior_of(shift, scale):
         return type(base)(
@@ -118,7 +114,7 @@ def test_lds_site_takes_the_closed_form_with_learned_prior_and_other_latents():
 
 
 def test_lds_only_model_loss_is_the_exact_kl():
-    prior = _prior()
+    prior = random_prior(np.random.default_rng(0), K, T)
 
     def model():
         numpyro.sample("z", prior)
@@ -136,7 +132,7 @@ def test_lds_only_model_loss_is_the_exact_kl():
 
 
 def test_encoder_provides_the_potentials():
-    prior = _prior()
+    prior = random_prior(np.random.default_rng(0), K, T)
     y_obs = jnp.asarray(np.random.default_rng(2).normal(size=(T, K)))
 
     def model(y):
@@ -161,7 +157,7 @@ def test_subsampled_plate_loss_is_the_scaled_exact_kl_of_the_subsample():
     per-sequence known offset: the guide's potentials and the shift's AutoNormal take the
     plate's rows, the model's prior (built inside the guide) the same rows, and the loss is
     the exact KL of the subsample scaled by 4 / 2."""
-    base = _prior()
+    base = random_prior(np.random.default_rng(0), K, T)
     n = 4
     offsets = 10.0 * jnp.arange(n)
 
@@ -204,7 +200,7 @@ def test_subsampled_plate_loss_is_the_scaled_exact_kl_of_the_subsample():
 
 def test_encoder_and_potential_mask_run_inside_the_subsampled_plate():
     """``numpyro.subsample`` in an encoder or a ``potential_mask`` takes the plate's rows."""
-    prior = _prior()
+    prior = random_prior(np.random.default_rng(0), K, T)
     n = 4
     y_obs = jnp.asarray(np.random.default_rng(1).normal(size=(n, T, K)))
     valid = jnp.arange(T) < jnp.asarray([T, 5, 4, 3])[:, None]
