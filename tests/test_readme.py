@@ -1,4 +1,5 @@
-"""Every Python snippet of the README runs as written, in order, in one namespace."""
+"""Every Python snippet of the README and of the recipes page runs as written, in order, in
+one namespace per page."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_snippets_run_as_written():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 3
+def _run_snippets(path):
+    """Run the page's Python blocks in order in one namespace, and return it."""
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert blocks, f"no Python snippet in {path}"
     matplotlib.use("Agg")
     ns: dict = {}
-    exec(compile(blocks[0], str(README), "exec"), ns)
+    for block in blocks:
+        exec(compile(block, str(path), "exec"), ns)
+    return ns
+
+
+def test_readme_snippet_runs_as_written():
+    ns = _run_snippets(ROOT / "README.md")
     # the headline fit: the exact smoother at the learned noise levels
     from numpyro_lds import LDSPosterior, LinearGaussianStateSpace
 
@@ -30,8 +38,12 @@ def test_readme_snippets_run_as_written():
     assert np.max(np.abs(np.asarray(q.mean) - np.asarray(exact.mean)) / sd) < 0.25
     np.testing.assert_allclose(np.sqrt(np.asarray(q.variance)), sd, rtol=0.1)
     assert ns["idata"].posterior["z"].shape[-2:] == (ns["T"], 2)
-    for block in blocks[1:]:
-        exec(compile(block, str(README), "exec"), ns)
+
+
+def test_recipes_run_as_written():
+    ns = _run_snippets(ROOT / "docs" / "recipes.md")
+    from numpyro_lds import LDSPosterior
+
     # padded sequences fitted in minibatches: every sequence's posterior is its exact smoother
     qs, ys, valid = ns["posteriors"]["z"], ns["y"], ns["valid"]
     assert qs.batch_shape == (8,)
@@ -42,4 +54,6 @@ def test_readme_snippets_run_as_written():
     sd = np.sqrt(np.asarray(exact.variance))
     assert np.max(np.abs(np.asarray(qs.mean) - np.asarray(exact.mean)) / sd) < 1e-3
     np.testing.assert_allclose(np.sqrt(np.asarray(qs.variance)), sd, rtol=1e-3)
+    # the marginal likelihood and its gradient w.r.t. every argument
     assert np.isfinite(ns["loss"])
+    assert all(np.all(np.isfinite(g)) for g in ns["grads"])
