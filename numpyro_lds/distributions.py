@@ -873,46 +873,36 @@ def _default_vmap_over(d, **axes):
     return out
 
 
-@vmap_over.register
-def _vmap_over_lgss(
-    dist: LinearGaussianStateSpace,
-    initial_mean=None,
-    initial_cov=None,
-    transition_matrix=None,
-    transition_cov=None,
-    transition_offset=None,
-):
-    return _default_vmap_over(
-        dist,
-        initial_mean=initial_mean,
-        initial_cov=initial_cov,
-        transition_matrix=transition_matrix,
-        transition_cov=transition_cov,
-        transition_offset=transition_offset,
-    )
+def _constructor_axes(cls, axes):
+    """``vmap_over``'s axes, named as ``cls``'s constructor names its arguments.
+
+    Raises:
+      TypeError: on a name the constructor does not take, as for an explicit signature.
+    """
+    inspect.signature(cls.__init__).bind_partial(None, **axes)
+    return dict(axes)
 
 
 @vmap_over.register
-def _vmap_over_lds_posterior(
-    dist: LDSPosterior,
-    prior=None,
-    potential_mean=None,
-    potential_cov=None,
-    potential_var=None,
-    emission_matrix=None,
-    mask=None,
-):
-    """``prior`` is the prior's own axes, e.g. ``vmap_over(q.prior, initial_mean=0)``."""
-    axes = _default_vmap_over(
-        dist,
-        potential_mean=potential_mean,
-        potential_cov=potential_cov if dist.potential_cov is not None else None,
-        potential_var=potential_var if dist.potential_var is not None else None,
-        emission_matrix=emission_matrix if dist.emission_matrix is not None else None,
-        potential_mask=mask if dist.potential_mask is not None else None,
-    )
-    axes.prior = prior if prior is not None else vmap_over(dist.prior)
-    return axes
+def _vmap_over_lgss(dist: LinearGaussianStateSpace, **axes):
+    """Axes by the constructor's argument names, e.g. ``vmap_over(prior, initial_mean=0)``."""
+    return _default_vmap_over(dist, **_constructor_axes(LinearGaussianStateSpace, axes))
+
+
+@vmap_over.register
+def _vmap_over_lds_posterior(dist: LDSPosterior, **axes):
+    """Axes by the constructor's argument names.
+
+    ``prior`` is the prior's own axes, e.g. ``vmap_over(q.prior, initial_mean=0)``.
+    """
+    axes = _constructor_axes(LDSPosterior, axes)
+    prior = axes.pop("prior", None)
+    axes["potential_mask"] = axes.pop("mask", None)
+    # an argument the distribution was built without has no axis
+    axes = {n: a if getattr(dist, n, None) is not None else None for n, a in axes.items()}
+    out = _default_vmap_over(dist, **axes)
+    out.prior = prior if prior is not None else vmap_over(dist.prior)
+    return out
 
 
 @promote_batch_shape.register

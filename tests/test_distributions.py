@@ -190,3 +190,8 @@ def test_equivalent_to_gaussian_state_space():
     lgss = LinearGaussianStateSpace(jnp.zeros(k), Q, A, Q, num_steps=T)
     z = gss.sample(jax.random.key(0), (3,))
     np.testing.assert_allclose(lgss.log_prob(z), gss.log_prob(z), rtol=1e-10)
+
+
+def test_vmap_over_refuses_a_name_the_constructor_does_not_take(d):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'loc'"):
+        vmap_over(d, loc=0)
