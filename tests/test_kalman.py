@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from helpers import dense_inputs, random_posterior, random_prior, spd
+from helpers import dense_inputs, make_case, spd
 from numpyro_lds.kalman import condition_on_potentials, kalman_filter, kalman_update
 from numpyro_lds.schedules import SCHEDULES
 
@@ -20,20 +20,18 @@ RTOL = 1e-8
 ATOL = 1e-10
 T = 17  # the blocked schedule's two levels, with padding
 
-# (id, k, time-varying dynamics, potential kwargs); one sequence each
+# One sequence each, in the case format of tests/helpers.make_case:
+# (id, k, T, prior batch, time-varying, potential kwargs)
 CASES = [
-    ("full_masked", 2, True, {"mask": True}),
-    ("diag_shared_dynamics", 3, False, {"diag": True}),
-    ("d_lt_k_time_emission", 3, True, {"d": 2, "emission": "time", "mask": True}),
+    ("full_masked", 2, T, (), True, {"mask": True}),
+    ("diag_shared_dynamics", 3, T, (), False, {"diag": True}),
+    ("d_lt_k_time_emission", 3, T, (), True, {"d": 2, "emission": "time", "mask": True}),
 ]
 
 
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def case(request):
-    _, k, time_varying, potential_kwargs = request.param
-    rng = np.random.default_rng(0)
-    prior = random_prior(rng, k, T, time_varying=time_varying)
-    post = random_posterior(rng, prior, **potential_kwargs)
+    _, post = make_case(request.param)
     (chain, potentials), _ = post.sequence_args()
     return chain, potentials, dense_inputs(post)
 
