@@ -874,12 +874,16 @@ def _default_vmap_over(d, **axes):
 
 
 def _constructor_axes(cls, axes):
-    """``vmap_over``'s axes, named as ``cls``'s constructor names its arguments.
+    """``vmap_over``'s axes, named as ``cls``'s constructor names its array arguments.
 
     Raises:
-      TypeError: on a name the constructor does not take, as for an explicit signature.
+      TypeError: on a name that is not an array argument of the constructor.
     """
     inspect.signature(cls.__init__).bind_partial(None, **axes)
+    arrays = set(cls.pytree_data_fields) | {"mask"}
+    others = sorted(set(axes) - arrays)
+    if others:
+        raise TypeError(f"vmap_over takes axes of array arguments only, got {others}")
     return dict(axes)
 
 

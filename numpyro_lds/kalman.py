@@ -10,7 +10,7 @@ sequence (states ``[T, k]``); the distribution classes batch it with one helper
 =================================  ========================  ======================================
 code                               derivation                meaning
 =================================  ========================  ======================================
-``F, c, S`` (``transition_*``)     ``A_t, b_t, Q_t``         dynamics ``z_{t+1} ~ N(F z_t + c, S)``
+``F, c, S`` (``transition_*``)     ``A_t, b_t, Q_t``         ``z_t ~ N(A_t z_{t-1} + b_t, Q_t)``
 ``initial_mean, initial_cov``      ``m_0, P_0``              law of ``z_1``
 ``y, R, H`` (``Potentials``)       ``x_t, R_t, H_t``         potential ``N(y_t; H_t z_t, R_t)``
 ``mp, Pp``                         ``m_{t|t-1}, P_{t|t-1}``  one-step prediction

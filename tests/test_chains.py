@@ -86,7 +86,7 @@ def test_chain_sample_is_a_causal_affine_map_with_the_dense_law(schedule):
     a, M = draw(eps0), jax.jit(jax.jacfwd(draw))(eps0)
     np.testing.assert_allclose(a, mean, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(M @ M.T, cov, rtol=RTOL, atol=ATOL)
-    np.testing.assert_array_equal(np.triu(M, K), 0.0)  # causal: block lower-triangular
+    np.testing.assert_array_equal(np.triu(M, 1), 0.0)  # causal, with lower Cholesky blocks
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "time_varying"])

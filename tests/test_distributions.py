@@ -195,3 +195,18 @@ def test_equivalent_to_gaussian_state_space():
 def test_vmap_over_refuses_a_name_the_constructor_does_not_take(d):
     with pytest.raises(TypeError, match="unexpected keyword argument 'loc'"):
         vmap_over(d, loc=0)
+
+
+def test_vmap_over_refuses_an_argument_that_is_not_an_array(d):
+    with pytest.raises(TypeError, match=r"array arguments only, got \['schedule'\]"):
+        vmap_over(d, schedule=0)
+
+
+def test_vmap_over_a_posterior_mask():
+    """The constructor's ``mask`` is the ``potential_mask`` field; an argument the posterior
+    was built without has no axis."""
+    rng = np.random.default_rng(0)
+    q = random_posterior(rng, random_prior(rng, 2, 4), mask=True, diag=True)
+    axes = vmap_over(q, mask=0, potential_mean=0, potential_cov=0)
+    assert (axes.potential_mask, axes.potential_mean) == (0, 0)
+    assert axes.potential_cov is None and axes.potential_var is None
