@@ -879,11 +879,12 @@ def _constructor_axes(cls, axes):
     Raises:
       TypeError: on a name that is not an array argument of the constructor.
     """
-    inspect.signature(cls.__init__).bind_partial(None, **axes)
-    arrays = set(cls.pytree_data_fields) | {"mask"}
-    others = sorted(set(axes) - arrays)
+    others = sorted(set(axes) - set(cls.pytree_data_fields) - {"mask"})
     if others:
-        raise TypeError(f"vmap_over takes axes of array arguments only, got {others}")
+        raise TypeError(
+            f"vmap_over got an unexpected keyword argument {others[0]!r}: it takes axes of "
+            f"array arguments only, got {others}"
+        )
     return dict(axes)
 
 
@@ -903,7 +904,7 @@ def _vmap_over_lds_posterior(dist: LDSPosterior, **axes):
     prior = axes.pop("prior", None)
     axes["potential_mask"] = axes.pop("mask", None)
     # an argument the distribution was built without has no axis
-    axes = {n: a if getattr(dist, n, None) is not None else None for n, a in axes.items()}
+    axes = {n: a if getattr(dist, n) is not None else None for n, a in axes.items()}
     out = _default_vmap_over(dist, **axes)
     out.prior = prior if prior is not None else vmap_over(dist.prior)
     return out
